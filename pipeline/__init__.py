@@ -1,0 +1,1 @@
+"""Experiment pipeline for CNN image classifiers."""

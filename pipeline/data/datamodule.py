@@ -1,0 +1,95 @@
+"""The LightningDataModule: image splits + transforms → DataLoaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.errors import DataError
+from pipeline.data.images import ImageSplits, LabelledImages
+
+
+class TransformedImages(Dataset):
+    def __init__(self, images: LabelledImages, transform: Callable[..., dict[str, Any]]) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.images[index]
+        return self.transform(image=np.ascontiguousarray(image))["image"], label
+
+
+def seed_worker(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream.
+
+    Albumentations keeps a random state inside each Compose, untouched by global seeding; every worker
+    would otherwise replay the main process's copy, so all workers (and every epoch, when workers are
+    re-created) would draw the same augmentations. PyTorch's per-worker seed differs by worker and by
+    epoch and derives from the main process's seeded generator, so runs stay reproducible.
+    """
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        splits: ImageSplits,
+        train_transform: Callable[..., dict[str, Any]],
+        eval_transform: Callable[..., dict[str, Any]],
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        prefetch_factor: int | None,
+    ) -> None:
+        super().__init__()
+        if len(splits.train) < batch_size:
+            # Not one full batch per epoch: batch statistics are noise and BatchNorm fails on a batch of one.
+            raise DataError(
+                f"The training split has {len(splits.train)} images, fewer than one batch of "
+                f"data.batch_size={batch_size}: lower data.batch_size (e.g. data.batch_size="
+                f"{1 << max(0, len(splits.train).bit_length() - 1)}) or add training images."
+            )
+        self.splits = splits
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.batch_size = batch_size
+        self.loader_options: dict[str, Any] = {
+            "num_workers": num_workers,
+            "pin_memory": pin_memory,
+            # Both options are only valid with worker processes.
+            "persistent_workers": persistent_workers and num_workers > 0,
+            "prefetch_factor": prefetch_factor if num_workers > 0 else None,
+            "worker_init_fn": seed_worker if num_workers > 0 else None,
+        }
+
+    def _loader(self, images: LabelledImages, transform: Callable[..., dict[str, Any]], train: bool) -> DataLoader:
+        return DataLoader(
+            TransformedImages(images, transform),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=False,
+            **self.loader_options,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.train, self.train_transform, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.val, self.eval_transform, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.test, self.eval_transform, train=False)

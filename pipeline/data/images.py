@@ -1,0 +1,176 @@
+"""The forms every source returns: labelled uint8 HWC images, split three ways.
+
+A set is either held in memory (`ImageSet`: small or compact sets such as digits, MNIST, CIFAR) or read
+from files when an item is asked for (`ImageFileSet`: image folders, which may not fit in memory). Both
+offer what the DataModule uses — `len`, `set[i] -> (uint8 HWC array, label)`, `.labels`, `.channels` —
+written down as the `LabelledImages` protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.data.decode import CHANNEL_COUNTS, decode_image
+from pipeline.data.errors import DataError
+
+
+class LabelledImages(Protocol):
+    """Images with integer labels, indexable like a sequence of (uint8 HWC array, label)."""
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images as uint8 arrays of shape (N, H, W, C) and their integer labels (N,), all in memory."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[-1])
+
+
+@dataclass(frozen=True)
+class ImageFileSet:
+    """Image files and their integer labels; each file is decoded when its item is asked for.
+
+    Images may differ in size: the transforms resize every image to the model's input. The paths are kept
+    in one NumPy array of StringDType rather than a list of str: forked loader workers that touch millions
+    of Python objects copy their memory pages (reading a reference count writes it), one array stays
+    shared; and unlike a fixed-width "<U" array, each path takes only its own length.
+    """
+
+    paths: np.ndarray
+    labels: np.ndarray
+    channels: int
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} files but {len(self.labels)} labels")
+        if self.channels not in CHANNEL_COUNTS:
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        path = str(self.paths[index])
+        try:
+            image = decode_image(path, self.channels)
+        except Exception as error:  # the load-time scan passed it: the file changed since, or the disk failed
+            raise DataError(
+                f"{path}: could not be decoded ({type(error).__name__}: {error}). It was readable when the data "
+                "were loaded; replace or remove the file and start the run again."
+            ) from error
+        return image, int(self.labels[index])
+
+
+@dataclass(frozen=True)
+class ImageSubset:
+    """Some items of another set, in the given order, with their labels renumbered."""
+
+    base: LabelledImages
+    indices: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        image, _ = self.base[int(self.indices[index])]
+        return image, int(self.labels[index])
+
+    @property
+    def channels(self) -> int:
+        return self.base.channels
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    """A data set split for training, model selection and the final held-out test.
+
+    `skipped` lists the files left out with data.on_bad_file=skip, as (path, reason), for the run's record.
+    """
+
+    train: LabelledImages
+    val: LabelledImages
+    test: LabelledImages
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return self.train.channels
+
+    def subset(self, classes: Sequence[str] | None, train_per_class: int | None, seed: int) -> ImageSplits:
+        """Only `classes` (in the order given, relabelled 0..k-1; None = all) and, if `train_per_class` is set,
+        only that many training images of each, drawn with `seed`. Validation and test keep every image of the
+        kept classes. `data.classes` and `data.train_per_class` set these."""
+        if classes is None and train_per_class is None:
+            return self
+        names = [str(name) for name in classes] if classes is not None else list(self.classes)
+        unknown = [name for name in names if name not in self.classes]
+        if unknown or len(set(names)) != len(names) or len(names) < 2:
+            raise DataError(
+                f"data.classes={names}: must name at least 2 distinct classes of this data set, which has "
+                f"{self.classes}" + (f"; unknown: {unknown}" if unknown else "") + " (e.g. data.classes=null for all)."
+            )
+        old_label = np.array([self.classes.index(name) for name in names])
+        rng = np.random.default_rng(seed)
+
+        def keep(part: LabelledImages, per_class: int | None) -> ImageSubset:
+            chosen = []
+            for new, old in enumerate(old_label):
+                members = np.flatnonzero(part.labels == old)
+                if per_class is not None:
+                    if len(members) < per_class:
+                        raise DataError(
+                            f"data.train_per_class={per_class}: class {names[new]!r} has only {len(members)} "
+                            f"training images (e.g. data.train_per_class={len(members)})."
+                        )
+                    members = np.sort(rng.choice(members, size=per_class, replace=False))
+                chosen.append(members)
+            indices = np.sort(np.concatenate(chosen))  # in the source's order
+            relabel = np.full(len(self.classes), -1)
+            relabel[old_label] = np.arange(len(names))
+            return ImageSubset(part, indices, relabel[part.labels[indices]])
+
+        train, val, test = keep(self.train, train_per_class), keep(self.val, None), keep(self.test, None)
+        return ImageSplits(train, val, test, names, self.skipped)
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split, for the run's record."""
+        return {
+            split: {name: int((part.labels == index).sum()) for index, name in enumerate(self.classes)}
+            for split, part in (("train", self.train), ("val", self.val), ("test", self.test))
+        }

@@ -1,0 +1,24 @@
+"""Building a configured source: `data.source` (a `_target_` and its arguments) → ImageSplits."""
+
+from __future__ import annotations
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from pipeline.data.images import ImageSplits
+from pipeline.errors import UserInputError
+
+
+def load_splits(source: DictConfig) -> ImageSplits:
+    """`instantiate(source)`, with the source's own UserInputError (e.g. DataError) raised as itself.
+
+    Hydra wraps whatever the target raises in an InstantiationException, which the CLI would print as a
+    traceback; a bad file or a missing data set is the user's to fix, so its message must reach them as is.
+    """
+    try:
+        return instantiate(source)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserInputError):
+            raise error.__cause__ from None
+        raise

@@ -1,0 +1,169 @@
+"""Albumentations pipelines built from config.
+
+An augmentation is declared in YAML as an ordered mapping of transform name → keyword arguments:
+
+    train:
+      RandomResizedCrop: {size: null, scale: [0.7, 1.0]}   # size null = the model's input size
+      HorizontalFlip: {p: 0.5}
+      warp:                                              # a label; `transform` names the class
+        transform: OneOf
+        p: 0.3
+        transforms: {ElasticTransform: {}, GridDistortion: {}}
+
+A value of null switches an entry off (`aug.train.HorizontalFlip=null`). Every pipeline ends with the
+same deterministic tail: resize to the model's input size, normalize, convert to a CHW tensor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import albumentations as A
+import cv2
+
+from pipeline.errors import UserInputError
+
+SIZE_KEYS = ("size", "height", "width")
+# Colour transforms on grayscale images apply what they can (brightness) and warn about the rest on every call.
+warnings.filterwarnings("ignore", message=".*not applicable to grayscale", category=UserWarning)
+INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+
+
+class AugmentationError(UserInputError):
+    """A transform in the augmentation config cannot be built."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects, handed to data code as plain values."""
+
+    size: tuple[int, int]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    @classmethod
+    def resolve(
+        cls,
+        model_config: Mapping[str, Any],
+        image_size: Sequence[int] | None,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        channels: int,
+    ) -> InputSpec:
+        """The model's data config (timm's resolve_model_data_config), overridden where the data config says.
+
+        Mean and std given for another channel count are adapted: averaged to one channel, or repeated.
+        """
+        _, height, width = model_config["input_size"]
+        return cls(
+            size=tuple(image_size) if image_size else (int(height), int(width)),
+            channels=channels,
+            mean=_per_channel(mean if mean is not None else model_config["mean"], channels),
+            std=_per_channel(std if std is not None else model_config["std"], channels),
+            interpolation=str(model_config.get("interpolation", "bilinear")),
+            crop_pct=float(model_config.get("crop_pct", 1.0)),
+        )
+
+
+def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    if len(values) == 1:
+        return values * channels
+    raise ValueError(f"{len(values)} normalization values cannot be applied to {channels}-channel images")
+
+
+def _transform_class(name: str, where: str) -> type[A.BasicTransform] | type[A.BaseCompose]:
+    cls = getattr(A, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
+        known = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and n[0].isupper()]
+        hint = difflib.get_close_matches(name, known, n=3)
+        suggestion = f" Did you mean {', '.join(hint)}?" if hint else ""
+        raise AugmentationError(
+            f"{where}: unknown Albumentations transform {name!r}.{suggestion} "
+            "Use a class name from albumentations (https://albumentations.ai/docs/)."
+        )
+    return cls
+
+
+def _check_arguments(cls: type, kwargs: Mapping[str, Any], where: str) -> None:
+    # Albumentations only warns about unknown arguments; a typo would silently do nothing.
+    parameters = inspect.signature(cls.__init__).parameters
+    allowed = {n for n, p in parameters.items() if p.kind is not p.VAR_KEYWORD} - {"self"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise AugmentationError(f"{where}: {cls.__name__} has no argument(s) {unknown}; it takes {sorted(allowed)}.")
+
+
+def _build_one(label: str, options: Mapping[str, Any], spec: InputSpec, where: str) -> Any:
+    kwargs = dict(options)
+    name = kwargs.pop("transform", label)
+    where = f"{where}.{label}"
+    cls = _transform_class(name, where)
+    if "transforms" in kwargs:
+        kwargs["transforms"] = build_transforms(kwargs["transforms"], spec, where=f"{where}.transforms")
+    for key in SIZE_KEYS:
+        if key in kwargs and kwargs[key] is None:
+            kwargs[key] = spec.size if key == "size" else spec.size[0 if key == "height" else 1]
+    _check_arguments(cls, kwargs, where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise AugmentationError(f"{where}: bad arguments for {name}: {_one_line(error)}") from error
+
+
+def _one_line(error: Exception) -> str:
+    """Albumentations' pydantic messages span several lines and end in a link; keep the facts on one line."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith("For further information"))
+
+
+def build_transforms(entries: Mapping[str, Any] | None, spec: InputSpec, where: str = "aug.train") -> list[Any]:
+    """The configured transforms, in order; entries set to null are skipped."""
+    transforms = []
+    for label, options in (entries or {}).items():
+        if options is None:
+            continue
+        if not isinstance(options, Mapping):
+            raise AugmentationError(f"{where}.{label}: expected a mapping of arguments, got {options!r}")
+        transforms.append(_build_one(str(label), options, spec, where))
+    return transforms
+
+
+def _finish(spec: InputSpec) -> list[Any]:
+    return [
+        A.Resize(*spec.size, interpolation=INTERPOLATIONS[spec.interpolation]),
+        A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
+        A.ToTensorV2(),
+    ]
+
+
+def train_transform(entries: Mapping[str, Any] | None, spec: InputSpec, seed: int | None) -> A.Compose:
+    """Random transforms from config, then the common tail. Albumentations draws from its own generator,
+    seeded here (global seeding does not reach it); loader workers reseed it (see data.datamodule)."""
+    return A.Compose([*build_transforms(entries, spec), *_finish(spec)], seed=seed)
+
+
+def eval_transform(spec: InputSpec) -> A.Compose:
+    """Deterministic: resize the shorter side to size / crop_pct, centre-crop, then the common tail."""
+    steps: list[Any] = []
+    if spec.crop_pct < 1.0:
+        steps = [
+            A.SmallestMaxSize(
+                max_size=round(min(spec.size) / spec.crop_pct),
+                interpolation=INTERPOLATIONS[spec.interpolation],
+            ),
+            A.CenterCrop(*spec.size),
+        ]
+    return A.Compose([*steps, *_finish(spec)])

@@ -1,0 +1,70 @@
+"""python -m pipeline.inspect: what a model is and costs, or which models exist.
+
+python -m pipeline.inspect model=classic_resnet50 [data=…] [inspect.depth=1]
+python -m pipeline.inspect --list ['*resnet*']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+
+import hydra
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import CONF_DIR
+from pipeline.errors import UserInputError
+
+
+def list_models(pattern: str = "*") -> None:
+    """Every model name the factory builds; ours (written from the papers) first and marked."""
+    import timm
+
+    import pipeline.models  # noqa: F401  (registers ours)
+
+    names = [n for n in timm.list_models() if fnmatch.fnmatch(n, pattern)]
+    ours = [n for n in names if timm.models.model_entrypoint(n).__module__.startswith("pipeline.models")]
+    console = Console(soft_wrap=True)
+    console.print(f"[bold]ours[/bold] ({len(ours)}): " + ", ".join(ours))
+    console.print(f"[bold]timm[/bold] ({len(names) - len(ours)}): " + ", ".join(n for n in names if n not in ours))
+    console.print("Use one with model=<conf file> or model=timm model.name=<name>.")
+
+
+def show(cfg: DictConfig) -> None:
+    from pipeline.config import validate
+    from pipeline.models.stats import count_flops, count_parameters, layer_costs
+    from pipeline.run import build_inputs
+
+    validate(cfg)
+    inputs = build_inputs(cfg)
+    shape = (inputs.spec.channels, *inputs.spec.size)
+    table = Table(title=f"{cfg.model.name}: input {shape}, {inputs.splits.num_classes} classes")
+    for column in ("layer", "type", "output shape", "params", "MFLOPs"):
+        table.add_column(column, justify="left" if column in ("layer", "type") else "right")
+    for row in layer_costs(inputs.model, shape, cfg.inspect.depth):
+        indent = "  " * row.name.count(".")
+        table.add_row(indent + row.name, row.kind, str(row.output_shape), f"{row.params:,}", f"{row.flops / 1e6:,.2f}")
+    total, trainable = count_parameters(inputs.model)
+    console = Console(soft_wrap=True)
+    console.print(table)
+    console.print(f"parameters: {total:,} ({trainable:,} trainable)")
+    console.print(f"FLOPs per image: {count_flops(inputs.model, shape) / 1e9:,.4f} G (a multiply-add = 2 FLOPs)")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="inspect", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        show(cfg)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    if "--list" in sys.argv:
+        arguments = sys.argv[sys.argv.index("--list") + 1 :]
+        list_models(arguments[0] if arguments else "*")
+    else:
+        main()

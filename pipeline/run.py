@@ -1,0 +1,232 @@
+"""run(cfg): the one training path. The CLI, the sweep trials and the tests all call it.
+
+config → data → model → LightningModule → tracked Trainer.fit → test with the best checkpoint → metrics.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import timm
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
+)
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
+from torch import nn
+
+from pipeline import tracking
+from pipeline.config import validate
+from pipeline.data.datamodule import ImageDataModule
+from pipeline.data.images import ImageSplits
+from pipeline.data.preview import save_augmentation_grid
+from pipeline.data.sources import load_splits
+from pipeline.data.transforms import InputSpec, eval_transform, train_transform
+from pipeline.finetune import BackboneFreeze
+from pipeline.models.factory import ModelError, create_model
+from pipeline.models.stats import count_flops, count_parameters
+from pipeline.module import ImageClassifier
+from pipeline.plots import confusion_matrix_png
+
+
+class CheckpointOnException(Callback):
+    """Save the training state when fit is interrupted or crashes, so nothing trained is lost.
+
+    Lightning's OnExceptionCheckpoint does the same but also makes every later `fit(ckpt_path=None)`
+    silently resume from "last"; resuming is an explicit choice here.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+PREVIEW_SAMPLES, PREVIEW_VIEWS = 6, 8  # the augmentation grid every run logs
+
+
+@dataclass(frozen=True)
+class RunResult:
+    metrics: dict[str, float]  # final test metrics of the best checkpoint, plus the best validation score
+    run_id: str
+    tracking_uri: str
+    best_checkpoint: str | None
+    output_dir: Path
+    unsynced: str | None = None  # why MLflow lacks part of the run, and the command that uploads the rest
+
+
+def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[Callback]:
+    monitor, mode = cfg.monitor.metric, cfg.monitor.mode
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename="best-epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=cfg.checkpoint.save_last,
+        ),
+        CheckpointOnException(checkpoint_dir / "interrupted.ckpt"),
+        LearningRateMonitor(logging_interval="epoch"),
+        BackboneFreeze(cfg.finetune.unfreeze_epoch),  # conf/finetune: which parameters train when
+    ]
+    if cfg.early_stopping.patience is not None:
+        callbacks.append(
+            EarlyStopping(
+                monitor,
+                patience=cfg.early_stopping.patience,
+                mode=mode,
+                min_delta=cfg.early_stopping.min_delta,
+            )
+        )
+    progress = {"rich": RichProgressBar, "tqdm": TQDMProgressBar}.get(cfg.progress)
+    if progress is not None:
+        callbacks.append(progress())
+    return callbacks
+
+
+@contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """SIGTERM raises inside the run (like Ctrl-C) so the run is recorded as KILLED, not left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (e.g. not inside a Ray trial thread)
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise SIGTERMException(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def build_data(cfg: DictConfig, splits: ImageSplits, spec: InputSpec) -> ImageDataModule:
+    return ImageDataModule(
+        splits,
+        train_transform=train_transform(cfg.aug.train, spec, seed=cfg.seed),
+        eval_transform=eval_transform(spec),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+        persistent_workers=cfg.data.persistent_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+    )
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a run trains on and with: the data, the model, and the input spec that joins them."""
+
+    splits: ImageSplits
+    model: nn.Module
+    spec: InputSpec
+    flops: int  # of one forward pass on one image
+
+
+def build_inputs(cfg: DictConfig) -> Inputs:
+    """Load the data and build the model (with its pretrained weights); the model's pretrained config sets the
+    input spec."""
+    splits = load_splits(cfg.data.source).subset(
+        cfg.data.get("classes"), cfg.data.get("train_per_class"), seed=cfg.data.source.get("split_seed", 0)
+    )
+    model = create_model(
+        cfg.model.name,
+        num_classes=splits.num_classes,
+        in_chans=splits.channels,
+        pretrained=cfg.model.pretrained,
+        weights=cfg.model.get("weights"),
+        tracking_uri=str(cfg.logger.tracking_uri),
+        kwargs=cfg.model.kwargs,
+    )
+    model_config = timm.data.resolve_model_data_config(model)
+    spec = InputSpec.resolve(model_config, cfg.data.image_size, cfg.data.mean, cfg.data.std, splits.channels)
+    try:  # one image through the model now, so a size it cannot take fails here, not inside the Trainer
+        flops = count_flops(model, (spec.channels, *spec.size))
+    except RuntimeError as error:
+        _, height, width = model_config["input_size"]
+        raise ModelError(
+            f"{cfg.model.name} cannot take {spec.channels}×{spec.size[0]}×{spec.size[1]} inputs ({error}). "
+            f"Its own input size is {height}×{width}: set data.image_size=[{height},{width}] or null."
+        ) from error
+    return Inputs(splits, model, spec, flops)
+
+
+def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
+    validate(cfg)
+    tracking.prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
+    if cfg.seed is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    inputs = build_inputs(cfg)
+    splits, model, spec = inputs.splits, inputs.model, inputs.spec
+    datamodule = build_data(cfg, splits, spec)
+    module = ImageClassifier(
+        model,
+        num_classes=splits.num_classes,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler),
+        label_smoothing=cfg.loss.label_smoothing,
+        aux_weight=cfg.loss.aux_weight,
+        backbone_lr_factor=cfg.finetune.backbone_lr_factor,
+    )
+    # model/trainable_params is logged every epoch by the fine-tuning callback: it changes with finetune.
+    cost = {"model/params": count_parameters(model)[0], "model/flops": inputs.flops}
+    preview = save_augmentation_grid(
+        output_dir / "augmentation_preview.png",
+        splits.train,
+        PREVIEW_SAMPLES,
+        cfg.aug.train,
+        spec,
+        views=PREVIEW_VIEWS,
+        seed=cfg.seed,
+        title=f"aug={cfg.aug.name}: training images of {cfg.data.name}",
+    )
+
+    logger = tracking.open_run(cfg, tracking.run_tags(cfg))
+    with sigterm_as_exception(), tracking.recorded_status(logger.end):
+        tracking.log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
+        tracking.log_files(logger, {"figures": preview})
+        trainer = L.Trainer(
+            **cfg.trainer,
+            logger=logger,
+            callbacks=[*build_callbacks(cfg, output_dir / "checkpoints"), *callbacks],
+            default_root_dir=output_dir,
+            enable_progress_bar=cfg.progress != "none",
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+        best = trainer.checkpoint_callback.best_model_path or None
+        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+        confusion = confusion_matrix_png(
+            module.test_confusion.compute().cpu().numpy(),
+            splits.classes,
+            output_dir / "confusion_matrix.png",
+            title=f"{cfg.model.name} on {cfg.data.name} (test)",
+        )
+        tracking.log_files(logger, {"figures": confusion})
+        if best and cfg.logger.log_checkpoint:
+            tracking.log_files(logger, {"checkpoints": Path(best)})
+
+    best_score = trainer.checkpoint_callback.best_model_score
+    metrics = {name: float(value) for name, value in test_metrics.items()}
+    if best_score is not None:
+        metrics[f"best_{cfg.monitor.metric}"] = float(best_score)
+    return RunResult(metrics, logger.run_id, str(cfg.logger.tracking_uri), best, output_dir, logger.unsynced)

@@ -1,0 +1,127 @@
+"""python -m pipeline.sync FOLDER [--tracking-uri URI]: upload runs kept on local disk to MLflow.
+
+Every run keeps what it logs in `<output folder>/mlflow/<run id>/` as well as sending it (tracking.RunRecord).
+When the tracking server failed for good during a run, the run went on and ended with this command. It uploads
+the params, tags, every metric point (its step and time included) and the artifacts into the original run when
+the server has it, else into a new run of the same experiment, and sets the run's final status. What the server
+already holds is not sent twice, so running it again is harmless. FOLDER may hold many runs (a sweep's folder,
+outputs/): each is synced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Param, Run, RunTag
+from mlflow.exceptions import MlflowException
+
+from pipeline import tracking
+from pipeline.errors import UserInputError
+
+RUN_NAME_TAG = "mlflow.runName"
+
+
+def find_records(folder: Path) -> list[Path]:
+    """The run records under `folder` (itself one, or any folder above them)."""
+    found = folder.rglob("run.json") if folder.is_dir() else ()
+    return sorted(path.parent for path in found if path.parent.parent.name == tracking.RECORD_FOLDER)
+
+
+def _existing_run(client: MlflowClient, run_id: str) -> Run | None:
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def sync(record: tracking.RunRecord, uri: str) -> str:
+    """Upload what the server lacks of `record` to `uri`; returns a one-line summary."""
+    client = MlflowClient(uri)
+    run = _existing_run(client, record.run_id)
+    if run is None:  # e.g. a new server: the run is created again, with its name, tags and start time
+        database = tracking.sqlite_path(uri)
+        artifacts = str(database.parent / "artifacts") if database else None
+        experiment_id = tracking.ensure_experiment(client, record.experiment_name, artifacts)
+        tags = {key: value for key, value in record.tags.items() if key != RUN_NAME_TAG}
+        run = client.create_run(experiment_id, start_time=record.start_time, tags=tags, run_name=record.run_name)
+    run_id = run.info.run_id
+
+    params = [Param(k, v) for k, v in record.params.items() if k not in run.data.params]  # params are write-once
+    tags = [RunTag(k, v) for k, v in record.tags.items() if run.data.tags.get(k) != v and k != RUN_NAME_TAG]
+    points = record.metrics()
+    held = {
+        (m.key, m.step, m.timestamp, m.value)
+        for key in {p.key for p in points}
+        for m in client.get_metric_history(run_id, key)
+    }
+    new = [p for p in points if (p.key, p.step, p.timestamp, p.value) not in held]
+    for start in range(0, len(params), 100):  # MLflow's limits per call: 100 params, 100 tags, 1000 metrics
+        client.log_batch(run_id, params=params[start : start + 100])
+    for start in range(0, len(tags), 100):
+        client.log_batch(run_id, tags=tags[start : start + 100])
+    for start in range(0, len(new), 1000):
+        client.log_batch(run_id, metrics=new[start : start + 1000])
+
+    uploaded, missing = 0, []
+    for folder, relative in record.artifacts:
+        path = record.output_dir / relative
+        if path.is_file():
+            client.log_artifact(run_id, str(path), folder or None)
+            uploaded += 1
+        else:
+            missing.append(relative)
+    status = record.status
+    if status == "RUNNING":  # the record has no end: still training, or killed before it could say
+        status = "RUNNING (its record has no end: still training, or killed; status left as it is)"
+    else:
+        client.set_terminated(run_id, record.status, end_time=record.end_time)
+
+    record.tracking_uri, record.run_id, record.unsynced = uri, run_id, None
+    record.save()
+    summary = (
+        f"{record.output_dir}: run {run_id} at {uri}: {len(params)} params, {len(tags)} tags, {len(new)} metric "
+        f"points ({len(points) - len(new)} already there), {uploaded} artifacts; status {status}"
+    )
+    return summary + (f"; missing files, not uploaded: {', '.join(missing)}" if missing else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.sync",
+        description="Upload runs kept on local disk (<output folder>/mlflow/<run id>/) to an MLflow tracking store.",
+    )
+    parser.add_argument("folder", type=Path, help="a run's output folder, or any folder above runs (e.g. a sweep's)")
+    parser.add_argument(
+        "--tracking-uri", help="upload here instead of the store each run was logging to (e.g. the server moved)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        records = find_records(args.folder)
+        if not records:
+            raise UserInputError(
+                f"{args.folder}: no run records (<output folder>/{tracking.RECORD_FOLDER}/<run id>/run.json) in it. "
+                "Give the output folder a run printed, e.g. outputs/<date>/<time>."
+            )
+        checked: set[str] = set()
+        for folder in records:
+            record = tracking.RunRecord.load(folder)
+            uri = args.tracking_uri or record.tracking_uri
+            if uri not in checked:
+                tracking.check_store(uri)
+                checked.add(uri)
+            print(sync(record, uri), flush=True)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except tracking.SENT_ERRORS as error:
+        print(f"error: uploading failed: {error}\nRun the same command again: nothing is sent twice.", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

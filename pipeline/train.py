@@ -1,0 +1,59 @@
+"""python -m pipeline.train [overrides]: compose the config, run(cfg), print the result.
+
+Exit status: 0 trained and tracked; 2 an error the message explains (config, data, tracking server, a
+diverged loss); 3 trained, but the tracking server lacks part of the run: the message names the pipeline.sync
+command that uploads it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import CONF_DIR
+from pipeline.errors import TrainingDiverged, UserInputError
+
+
+def report(result: object) -> None:
+    from pipeline import tracking
+
+    console = Console(soft_wrap=True)
+    table = Table(title="Test set, best checkpoint")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(result.metrics.items()):
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    console.print(f"MLflow run: {result.run_id}")
+    console.print(f"Checkpoint: {result.best_checkpoint}")
+    console.print(f"See the runs: {tracking.ui_command(result.tracking_uri)}")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from pipeline.run import run  # imported here so --help and config errors answer fast
+
+    # The folder Hydra made for this run is the run's output folder. DDP ranks are re-launched by Lightning
+    # with rank 0's hydra.run.dir, so they agree on it even when their clocks tick past a second.
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        result = run(cfg)
+    except (UserInputError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    report(result)
+    if result.unsynced:  # trained and tested, but the tracking server has not got all of it
+        print(f"error: {result.unsynced}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared helpers: every test writes its runs, outputs and MLflow store into its own temporary folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.mlflow_server import Served, mlflow_server
+from tests.postgres import Database, Unavailable, fresh_database
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = ("progress=none", "trainer.enable_model_summary=false")
+
+
+def store_uri(root: Path) -> str:
+    return f"sqlite:///{root}/mlruns/mlflow.db"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment a user would have: no tracking URI unless a test sets one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    module: str, *overrides: str, root: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> <overrides>` as a user types it, writing under `root`."""
+    return subprocess.run(
+        [sys.executable, "-m", module, f"paths.root={root}", *QUIET, *overrides],
+        cwd=REPO,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project folder for the test's runs; MLflow variables of the caller do not leak in."""
+    for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(name)
+    return tmp_path
+
+
+def compose_in(root: Path, overrides: Sequence[str] = (), config_name: str = "train") -> object:
+    from pipeline.config import compose
+
+    return compose(
+        [f"paths.root={root}", f"paths.output_dir={root}/outputs/run", *QUIET, *overrides], config_name=config_name
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Database]:
+    """A fresh PostgreSQL database for this test session, dropped at its end."""
+    try:
+        with fresh_database() as database:
+            yield database
+    except Unavailable as error:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not available: {error}")
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The production set-up, shared by the session: `mlflow server` on PostgreSQL with proxied artifacts."""
+    artifacts = tmp_path_factory.mktemp("server") / "artifacts"
+    with mlflow_server(postgres.tcp_uri, artifacts) as url:
+        yield Served(url, artifacts)

@@ -1,0 +1,38 @@
+"""Run a command in its own network and PID namespaces: Ray (and gloo) only ever see loopback, and every
+process the command starts — Ray's daemons included — dies with it, so a test stops all it started by the
+one PID it holds."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.conftest import REPO, clean_env
+
+ISOLATE = [
+    "unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
+    "sh", "-c", 'ip link set lo up && exec "$@"', "isolated",
+]  # fmt: skip
+
+
+def isolated(argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `argv` isolated, writing its output to `log`. Kill the returned process to stop everything."""
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [*ISOLATE, *argv], cwd=REPO, env=env or clean_env(), stdout=output, stderr=subprocess.STDOUT
+        )
+
+
+def run_isolated(argv: Sequence[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> str:
+    """Run `argv` isolated to completion; returns its output. Fails the test on a non-zero exit."""
+    process = isolated(argv, log, env)
+    try:
+        code = process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text(errors="replace")
+    assert code == 0, f"exit {code}:\n{output[-4000:]}"
+    return output

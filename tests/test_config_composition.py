@@ -1,0 +1,83 @@
+"""Every option of every config group composes, validates and builds its objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from pipeline.config import CONF_DIR, ConfigError, validate
+from pipeline.data.transforms import InputSpec, train_transform
+from tests.conftest import compose_in
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+OPTIONS = [(group, option.stem) for group in GROUPS for option in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+def test_train_config_composes_every_group() -> None:
+    assert {"data", "model", "aug", "optim", "scheduler", "trainer", "logger", "paths", "experiment"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_validates(root: Path, group: str, option: str) -> None:
+    config_name = "sweep" if group == "sweep" else "train"  # sweep presets belong to the sweep config
+    cfg = compose_in(root, [f"{group}={option}"], config_name=config_name)
+    validate(cfg)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "optim").glob("*.yaml")))
+def test_every_optimizer_and_schedule_builds_and_steps(root: Path, option: str) -> None:
+    for schedule in sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml")):
+        cfg = compose_in(root, [f"optim={option}", f"scheduler={schedule}"])
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = instantiate(cfg.optim)([weight])
+        scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=10, max_epochs=cfg.trainer.max_epochs)
+        for _ in range(5):
+            optimizer.step()
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] > 0
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "aug").glob("*.yaml")))
+def test_every_augmentation_builds(root: Path, option: str) -> None:
+    cfg = compose_in(root, [f"aug={option}"])
+    spec = InputSpec(size=(32, 32), channels=1, mean=(0.5,), std=(0.5,))
+    assert train_transform(cfg.aug.train, spec, seed=0) is not None
+
+
+def test_mlflow_tracking_uri_variable_is_followed(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert compose_in(root).logger.tracking_uri == f"sqlite:///{root}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert compose_in(root).logger.tracking_uri == "http://127.0.0.1:5999"
+    assert compose_in(root, ["logger.tracking_uri=http://tracking:80"]).logger.tracking_uri == "http://tracking:80"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optim.lr=-1", "optim.lr=-1: must be a number > 0"),
+        ("optim.lr=0", "optim.lr=0: must be a number > 0"),
+        ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0"),
+        ("optim.momentum=1.5", "optim.momentum=1.5: must be a number in [0, 1)"),
+        ("loss.label_smoothing=1", "loss.label_smoothing=1"),
+        ("monitor.metric=val/accuracy", "one of val/acc, val/loss"),
+        ("progress=fancy", "progress='fancy': must be one of rich, tqdm, none"),
+        ("data.source.test_fraction=0.9", "leaves no training images"),
+        ("scheduler.warmup_epochs=40", "scheduler.warmup_epochs=40 is not shorter than trainer.max_epochs=30"),
+        ("trainer.precision=8-mixed", "trainer.precision='8-mixed'"),
+    ],
+)
+def test_wrong_values_name_the_key_and_allowed_values(root: Path, override: str, named: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate(compose_in(root, [override]))
+    assert named in str(error.value)
+    assert "(e.g. " in str(error.value), "every message shows an override that fixes it"
+
+
+def test_all_problems_are_reported_together(root: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate(compose_in(root, ["optim.lr=-1", "data.batch_size=0"]))
+    assert "optim.lr" in str(error.value) and "data.batch_size" in str(error.value)

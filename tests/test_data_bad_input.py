@@ -1,0 +1,153 @@
+"""Bad data stops the run at load time with a message naming the file and the fix — or, with skip, is left out.
+
+Covered: corrupt, truncated and non-image files, images below data.min_size, empty class folders, a folder
+without images, a wrong layout, a split that cannot be stratified, and a training split smaller than a batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.datamodule import ImageDataModule
+from pipeline.data.errors import DataError
+from pipeline.data.folder import load_image_folder
+from pipeline.data.images import ImageSet, ImageSplits
+from pipeline.errors import UserInputError
+
+CLASSES = ("cat", "dog")
+
+
+def good_tree(root: Path, per_class: int = 10, side: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
+    return root
+
+
+def truncated_copy(source: Path, target: Path) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return good_tree(tmp_path / "images")
+
+
+def bad_files(tree: Path) -> dict[Path, str]:
+    """One file of each kind the scan must refuse, and the words its reason must contain."""
+    jpeg = tree / "cat" / "photo.jpg"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(jpeg, quality=90)
+    Image.fromarray(np.zeros((5, 30), np.uint8)).save(tree / "dog" / "sliver.png")
+    (tree / "dog" / "notes.txt").write_text("not a picture")
+    (tree / "dog" / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return {
+        truncated_copy(tree / "cat" / "0.png", tree / "cat" / "cut.png"): "truncated",
+        truncated_copy(jpeg, tree / "cat" / "cut.jpg"): "truncated",  # passes Image.verify(); a decode catches it
+        tree / "dog" / "sliver.png": "smaller than data.min_size=8",
+        tree / "dog" / "notes.txt": "not an image",
+        tree / "dog" / "fake.png": "corrupt or truncated",  # a PNG signature, then garbage
+    }
+
+
+def test_every_bad_file_is_named_with_its_reason_and_the_fix(tree: Path) -> None:
+    expected = bad_files(tree)
+    with pytest.raises(DataError) as error:
+        load_image_folder(tree, min_size=8)
+    message = str(error.value)
+    assert isinstance(error.value, UserInputError), "the CLI prints it without a traceback"
+    assert f"{len(expected)} image file(s) cannot be used" in message and "data.on_bad_file=skip" in message
+    lines = message.splitlines()
+    for path, reason in expected.items():
+        assert any(str(path) in line and reason in line for line in lines), (path, reason)
+
+
+def test_skip_leaves_bad_files_out_and_records_them(tree: Path) -> None:
+    expected = bad_files(tree)
+    splits = load_image_folder(tree, min_size=8, on_bad_file="skip", val_fraction=0.2, test_fraction=0.2)
+    assert {Path(path) for path, _ in splits.skipped} == set(expected)
+    assert all(reason for _, reason in splits.skipped)
+    used = {Path(p) for part in (splits.train, splits.val, splits.test) for p in part.paths}
+    assert used.isdisjoint(expected) and len(used) == 2 * 10 + 1  # the good files plus the good JPEG
+    assert sum(sum(split.values()) for split in splits.class_counts().values()) == len(used)
+
+
+def test_min_size_is_configurable(tree: Path) -> None:
+    with pytest.raises(DataError, match=r"16x16 px is smaller than data.min_size=20"):
+        load_image_folder(tree, min_size=20)
+
+
+def test_a_class_left_without_images_by_skip_is_an_error(tree: Path) -> None:
+    for path in (tree / "dog").iterdir():
+        path.write_text("broken")
+    with pytest.raises(DataError, match=r"no usable images left for class\(es\) \['dog'\]"):
+        load_image_folder(tree, on_bad_file="skip")
+
+
+def test_empty_class_folder_is_named(tree: Path) -> None:
+    (tree / "bird").mkdir()
+    (tree / "bird" / ".DS_Store").write_bytes(b"hidden files do not count")
+    with pytest.raises(DataError, match=rf"{tree / 'bird'}: empty class folder; add images of 'bird' or remove it"):
+        load_image_folder(tree)
+
+
+def test_folder_without_images_says_what_layout_is_expected(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "loose.png")
+    with pytest.raises(DataError, match=r"no images found — expected one folder per class.*loose\.png"):
+        load_image_folder(tmp_path)
+
+
+def test_missing_root_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data.root=.*nowhere: no such folder"):
+        load_image_folder(tmp_path / "nowhere")
+
+
+def test_wrong_options_are_named_together(tree: Path) -> None:
+    with pytest.raises(DataError) as error:
+        load_image_folder(tree, channels=4, on_bad_file="ignore")
+    assert "data.channels=4" in str(error.value) and "data.on_bad_file='ignore'" in str(error.value)
+
+
+def test_val_tree_without_train_tree_is_an_error(tmp_path: Path) -> None:
+    good_tree(tmp_path / "val")
+    with pytest.raises(DataError, match=r"has val/ but no train/"):
+        load_image_folder(tmp_path)
+
+
+def test_class_only_in_val_tree_is_named(tmp_path: Path) -> None:
+    good_tree(tmp_path / "train")
+    good_tree(tmp_path / "val")
+    good_tree(tmp_path / "test")
+    (tmp_path / "val" / "cow").mkdir()
+    with pytest.raises(DataError, match=r"class 'cow' has no folder in the training tree"):
+        load_image_folder(tmp_path)
+
+
+def test_split_that_cannot_be_stratified_names_the_fraction(tmp_path: Path) -> None:
+    good_tree(tmp_path, per_class=2)
+    with pytest.raises(DataError, match=r"Cannot hold out data.source.test_fraction=0.15 of 4 images .* \(2 classes"):
+        load_image_folder(tmp_path, val_fraction=0.15, test_fraction=0.15)
+
+
+def test_file_that_breaks_after_loading_is_named(tree: Path) -> None:
+    splits = load_image_folder(tree, val_fraction=0.2, test_fraction=0.2)
+    path = Path(splits.train.paths[0])
+    path.write_bytes(b"overwritten")
+    with pytest.raises(DataError, match=rf"{path}: could not be decoded"):
+        splits.train[0]
+
+
+def test_training_split_smaller_than_a_batch_stops_before_training() -> None:
+    part = ImageSet(np.zeros((6, 8, 8, 1), np.uint8), np.arange(6) % 2)
+    splits = ImageSplits(part, part, part, ["a", "b"])
+    options = {"num_workers": 0, "pin_memory": False, "persistent_workers": False, "prefetch_factor": None}
+    with pytest.raises(DataError, match=r"training split has 6 images, fewer than one batch of data.batch_size=8"):
+        ImageDataModule(splits, lambda **kw: kw, lambda **kw: kw, batch_size=8, **options)
+    assert ImageDataModule(splits, lambda **kw: kw, lambda **kw: kw, batch_size=6, **options).batch_size == 6

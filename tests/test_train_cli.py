@@ -1,0 +1,104 @@
+"""`python -m pipeline.train` end to end: it trains, prints the result, and MLflow holds exactly that run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli, store_uri
+
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("cli")
+    done = run_cli("pipeline.train", f"trainer.max_epochs={EPOCHS}", "optim.lr=0.1", root=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, done.stdout
+
+
+def test_cli_prints_metrics_run_id_and_ui_command(trained: tuple[Path, str]) -> None:
+    root, stdout = trained
+    accuracy = float(re.search(r"test/acc\s*│\s*([0-9.]+)", stdout).group(1))
+    assert accuracy >= 0.85, f"{EPOCHS} epochs of LeNet-5 on digits should be well past chance: {accuracy}"
+    assert re.search(r"MLflow run: [0-9a-f]{32}", stdout)
+    assert f"ui --backend-store-uri {store_uri(root)}" in stdout
+
+
+def test_mlflow_holds_exactly_that_run_with_everything_logged(trained: tuple[Path, str]) -> None:
+    root, stdout = trained
+    client = mlflow.MlflowClient(store_uri(root))
+    experiment = client.get_experiment_by_name("digits")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == re.search(r"MLflow run: ([0-9a-f]{32})", stdout).group(1)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("lenet5-digits-affine-")
+
+    params = run.data.params
+    assert params["model.name"] == "lenet5"
+    assert params["optim.lr"] == "0.1"
+    assert params["trainer.max_epochs"] == str(EPOCHS)
+    assert params["optim._target_"] == "torch.optim.SGD"
+
+    tags = run.data.tags
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["mlflow.source.git.commit"])
+    assert tags["git.dirty"] in {"true", "false", "unknown"}
+    assert "pipeline.train" in tags["command"] and "optim.lr=0.1" in tags["command"]
+    assert tags["model"] == "lenet5" and tags["dataset"] == "digits" and tags["host"]
+
+    for metric in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "val/acc_top5", "lr-SGD"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert len(history) == EPOCHS, f"{metric}: one point per epoch, got {len(history)}"
+    val_acc = [m.value for m in client.get_metric_history(run.info.run_id, "val/acc")]
+    assert max(val_acc) > val_acc[0], "validation accuracy improves with training"
+    metrics = run.data.metrics
+    assert metrics["test/acc"] >= 0.85 and 0 < metrics["test/f1"] <= 1
+    assert metrics["model/params"] == 61706  # LeNet-5 with one input channel and ten classes
+    assert metrics["model/flops"] > 0
+
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=store_uri(root)))
+    assert "model:\n  name: lenet5" in (artifacts / "config.yaml").read_text()
+    with Image.open(artifacts / "figures" / "confusion_matrix.png") as figure:
+        assert figure.format == "PNG" and figure.width > 100
+    assert [p.suffix for p in (artifacts / "checkpoints").iterdir()] == [".ckpt"]
+    assert "train" in (artifacts / "data" / "class_counts.json").read_text()
+
+
+def test_checkpoints_and_hydra_output_stay_in_one_folder(trained: tuple[Path, str]) -> None:
+    root, _ = trained
+    (output,) = list((root / "outputs").glob("*/*"))
+    assert (output / ".hydra" / "config.yaml").exists()
+    assert {p.name for p in (output / "checkpoints").iterdir()} >= {"last.ckpt"}
+    assert any(p.name.startswith("best-") for p in (output / "checkpoints").iterdir())
+
+
+def test_help_lists_groups_and_options(root: Path) -> None:
+    done = run_cli("pipeline.train", "--help", root=root)
+    assert done.returncode == 0
+    for expected in ("optim: adam, adamw, sgd", "model:", "scheduler:", "Examples:"):
+        assert expected in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim=rmsprop", "Could not find 'optim/rmsprop'"),
+        ("optim.lrr=0.1", "Key 'lrr' is not in struct"),
+        ("optim.lr=-1", "optim.lr=-1: must be a number > 0"),
+        ("model.name=lenet", "model.name='lenet' is not a known model. Close matches: lenet5"),
+        ("+aug.train.HorizontalFlipp={p:0.5}", "unknown Albumentations transform 'HorizontalFlipp'"),
+    ],
+)
+def test_bad_overrides_fail_before_training_with_a_clear_message(root: Path, override: str, message: str) -> None:
+    done = run_cli("pipeline.train", override, root=root)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
