@@ -74,7 +74,9 @@ class ImageClassifier(L.LightningModule):
             logits = output
             loss = self.criterion(logits, labels)
         metrics.update(logits, labels)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(
+            f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss, logits
 

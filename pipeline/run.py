@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import timm
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import (
     Callback,
@@ -27,18 +28,20 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline import tracking
+from pipeline import resume, tracking
 from pipeline.config import validate
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.images import ImageSplits
 from pipeline.data.preview import save_augmentation_grid
 from pipeline.data.sources import load_splits
 from pipeline.data.transforms import InputSpec, eval_transform, train_transform
+from pipeline.distributed import ReportingDDPStrategy, describe_batch, is_first_process
 from pipeline.finetune import BackboneFreeze
 from pipeline.models.factory import ModelError, create_model
 from pipeline.models.stats import count_flops, count_parameters
 from pipeline.module import ImageClassifier
 from pipeline.plots import confusion_matrix_png
+from pipeline.resume import RandomStateCheckpoint
 
 
 class CheckpointOnException(Callback):
@@ -52,7 +55,8 @@ class CheckpointOnException(Callback):
         self.path = path
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.path)
+        # trainer.save_checkpoint would wait at a barrier for every rank: under DDP one may be dead.
+        trainer.strategy.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), self.path)
 
 
 PREVIEW_SAMPLES, PREVIEW_VIEWS = 6, 8  # the augmentation grid every run logs
@@ -68,7 +72,7 @@ class RunResult:
     unsynced: str | None = None  # why MLflow lacks part of the run, and the command that uploads the rest
 
 
-def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[Callback]:
+def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True) -> list[Callback]:
     monitor, mode = cfg.monitor.metric, cfg.monitor.mode
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -81,7 +85,8 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[Callback]:
             save_last=cfg.checkpoint.save_last,
         ),
         CheckpointOnException(checkpoint_dir / "interrupted.ckpt"),
-        LearningRateMonitor(logging_interval="epoch"),
+        RandomStateCheckpoint(),
+        *([LearningRateMonitor(logging_interval="epoch")] if tracked else []),
         BackboneFreeze(cfg.finetune.unfreeze_epoch),  # conf/finetune: which parameters train when
     ]
     if cfg.early_stopping.patience is not None:
@@ -167,10 +172,61 @@ def build_inputs(cfg: DictConfig) -> Inputs:
     return Inputs(splits, model, spec, flops)
 
 
+def build_trainer(
+    cfg: DictConfig, output_dir: Path, logger: tracking.RecordedMLFlowLogger | None, callbacks: Sequence[Callback]
+) -> L.Trainer:
+    arguments = instantiate(cfg.trainer, _convert_="all")  # a strategy given by _target_ becomes its object
+    trainer = L.Trainer(
+        **arguments,
+        logger=logger or False,
+        callbacks=[*build_callbacks(cfg, output_dir / "checkpoints", tracked=logger is not None), *callbacks],
+        default_root_dir=output_dir,
+        enable_progress_bar=cfg.progress != "none",
+    )
+    if logger is not None and isinstance(trainer.strategy, ReportingDDPStrategy):
+        trainer.strategy.on_rank_death = lambda message: fail_run(logger, message)
+    return trainer
+
+
+def fail_run(logger: tracking.RecordedMLFlowLogger, message: str) -> None:
+    logger.set_tag("failure", message)
+    logger.end("FAILED")
+
+
+def single_process_tester(cfg: DictConfig, trainer: L.Trainer, logger: tracking.RecordedMLFlowLogger) -> L.Trainer:
+    """The Trainer that tests: the training one, or after data-parallel training a one-device Trainer in the first
+    process, so every test image is counted exactly once (a distributed sampler pads the split with repeats)."""
+    if trainer.world_size == 1:
+        return trainer
+    end_process_group()
+    arguments = {**instantiate(cfg.trainer, _convert_="all"), "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    progress = [c for c in trainer.callbacks if isinstance(c, RichProgressBar | TQDMProgressBar)]
+    return L.Trainer(**arguments, logger=logger, callbacks=progress, enable_progress_bar=cfg.progress != "none")
+
+
+def end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def follow(
+    cfg: DictConfig, module: ImageClassifier, datamodule: ImageDataModule, callbacks: Sequence[Callback]
+) -> RunResult:
+    """A data-parallel rank other than the first: trains its shard of every batch; tracks and tests nothing."""
+    output_dir = Path(cfg.paths.output_dir)
+    trainer = build_trainer(cfg, output_dir, None, callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+    end_process_group()
+    return RunResult({}, "", str(cfg.logger.tracking_uri), None, output_dir)
+
+
 def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
     validate(cfg)
-    tracking.prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
+    cfg = resume.resolve(cfg)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
+    lead = is_first_process()
+    if lead:
+        tracking.prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
@@ -188,6 +244,8 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         aux_weight=cfg.loss.aux_weight,
         backbone_lr_factor=cfg.finetune.backbone_lr_factor,
     )
+    if not lead:
+        return follow(cfg, module, datamodule, callbacks)
     # model/trainable_params is logged every epoch by the fine-tuning callback: it changes with finetune.
     cost = {"model/params": count_parameters(model)[0], "model/flops": inputs.flops}
     preview = save_augmentation_grid(
@@ -205,18 +263,22 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     with sigterm_as_exception(), tracking.recorded_status(logger.end):
         tracking.log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
         tracking.log_files(logger, {"figures": preview})
-        trainer = L.Trainer(
-            **cfg.trainer,
-            logger=logger,
-            callbacks=[*build_callbacks(cfg, output_dir / "checkpoints"), *callbacks],
-            default_root_dir=output_dir,
-            enable_progress_bar=cfg.progress != "none",
+        trainer = build_trainer(cfg, output_dir, logger, callbacks)
+        print(
+            describe_batch(
+                cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
+            ),
+            flush=True,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path or None
-        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+        tester = single_process_tester(cfg, trainer, logger)
+        test_metrics = tester.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+        confusion_counts = module.test_confusion.compute().cpu().numpy()
+        test_metrics["test/samples"] = float(confusion_counts.sum())  # every test image once, whatever the ranks
+        logger.log_metrics({"test/samples": test_metrics["test/samples"]}, step=trainer.global_step)
         confusion = confusion_matrix_png(
-            module.test_confusion.compute().cpu().numpy(),
+            confusion_counts,
             splits.classes,
             output_dir / "confusion_matrix.png",
             title=f"{cfg.model.name} on {cfg.data.name} (test)",

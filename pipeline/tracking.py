@@ -206,6 +206,7 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
         "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
         "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
         "host": platform.node(),
+        "output_dir": str(cfg.paths.output_dir),  # where its checkpoints are: resume=<run id> looks there
         "model": str(cfg.model.name),
         "dataset": str(cfg.data.name),
         "aug": str(cfg.aug.name),

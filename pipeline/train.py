@@ -49,6 +49,8 @@ def main(cfg: DictConfig) -> None:
     except (UserInputError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if not result.run_id:
+        return  # a data-parallel rank other than the first: the first one reports
     report(result)
     if result.unsynced:  # trained and tested, but the tracking server has not got all of it
         print(f"error: {result.unsynced}", file=sys.stderr)

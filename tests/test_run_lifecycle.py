@@ -56,3 +56,51 @@ def test_diverging_run_fails_with_advice_and_is_marked_failed(root: Path) -> Non
     assert "training diverged" in done.stderr and "Lower optim.lr" in done.stderr
     assert only_run(root).info.status == "FAILED"
     assert "interrupted.ckpt" in checkpoints(root)
+
+
+def val_points(root: Path) -> int:
+    records = list(root.glob("outputs/*/*/mlflow/*/metrics.csv"))
+    return sum(line.startswith("val/acc,") for line in records[0].read_text().splitlines()) if records else 0
+
+
+def test_a_run_killed_mid_training_resumes_by_run_id_and_ends_like_an_uninterrupted_one(root: Path) -> None:
+    settings = ("trainer.max_epochs=8", "seed=3", "logger.log_checkpoint=false")
+    reference = run_cli("pipeline.train", *settings, root=root / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", f"paths.root={root}", *QUIET, *settings],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while val_points(root) < 3:  # three epochs done, the fourth under way
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "three epochs did not finish within 120 s"
+            time.sleep(0.05)
+    finally:
+        process.kill()  # SIGKILL: nothing in the process gets to clean up
+        process.wait()
+    killed = only_run(root)
+    assert killed.info.status == "RUNNING", "killed outright, it could not say so"
+
+    resumed = run_cli("pipeline.train", f"resume={killed.info.run_id}", *settings, root=root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = only_run(root)  # the same run, continued
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    client = mlflow.MlflowClient(store_uri(root))
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "val/acc")]
+    assert len(steps) == len(set(steps)) == 8, "every epoch logged exactly once"
+    expected = only_run(root / "reference").data.metrics
+    for name in ("test/acc", "test/loss"):
+        assert run.data.metrics[name] == pytest.approx(expected[name], abs=0.01), name
+
+
+def test_resume_of_something_that_is_neither_a_run_nor_a_checkpoint_says_what_to_give(root: Path) -> None:
+    for given, message in (("0123abcd", "no such run in MLflow"), (f"{root}/gone.ckpt", "no such checkpoint file")):
+        done = run_cli("pipeline.train", f"resume={given}", root=root)
+        assert done.returncode == 2 and message in done.stderr and "resume=" in done.stderr, done.stderr[-2000:]

@@ -85,6 +85,24 @@ class ImageDataModule(L.LightningDataModule):
             **self.loader_options,
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the augmentation stream stands. Without loader workers it runs in this process with its own
+        generators: kept in checkpoints, so a resumed run augments as an uninterrupted one would."""
+        generator, py_random = (
+            getattr(self.train_transform, "random_generator", None),
+            getattr(self.train_transform, "py_random", None),
+        )
+        if generator is None or py_random is None:
+            return {}
+        return {"augmentation_rng": [generator.bit_generator.state, py_random.getstate()]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "augmentation_rng" in state_dict and hasattr(self.train_transform, "random_generator"):
+            generator_state, py_random_state = state_dict["augmentation_rng"]
+            # Set in place: the Compose's transforms share these very generator objects.
+            self.train_transform.random_generator.bit_generator.state = generator_state
+            self.train_transform.py_random.setstate(py_random_state)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits.train, self.train_transform, train=True)
 
