@@ -199,7 +199,13 @@ def single_process_tester(cfg: DictConfig, trainer: L.Trainer, logger: tracking.
     if trainer.world_size == 1:
         return trainer
     end_process_group()
-    arguments = {**instantiate(cfg.trainer, _convert_="all"), "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    arguments = {
+        **instantiate(cfg.trainer, _convert_="all"),
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",
+        "plugins": None,
+    }
     progress = [c for c in trainer.callbacks if isinstance(c, RichProgressBar | TQDMProgressBar)]
     return L.Trainer(**arguments, logger=logger, callbacks=progress, enable_progress_bar=cfg.progress != "none")
 

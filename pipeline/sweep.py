@@ -26,6 +26,7 @@ from pipeline.errors import UserInputError
 STATE_FILE = "sweep.json"
 SWEEP_ONLY = ("sweep", "ray", "resume", "progress", "hydra")  # override keys that configure the sweep itself
 TRIAL_CHECKPOINT = "checkpoint.ckpt"
+DRIVER_CPU = 0.01  # what a trial spread over Ray Train workers asks for itself
 
 
 def tune_name(metric: str) -> str:
@@ -138,6 +139,11 @@ def train_trial(config: dict[str, Any], state: dict[str, Any]) -> None:
         cfg.logger.run_id = tracking.find_child_run(sweep.tracking_uri, sweep.parent_run_id, trial_id)
     metric = sweep.settings["metric"]
     reported = {tune_name(m): m for m in dict.fromkeys([metric, "val/loss", "val/acc", "train/loss"])}
+    if sweep.settings["resources"]["workers_per_trial"] > 1:
+        from pipeline.trial_workers import train_on_workers
+
+        train_on_workers(cfg, sweep.settings, sweep.folder, reported)
+        return
     report = TuneReportCheckpointCallback(metrics=reported, filename=TRIAL_CHECKPOINT, on="train_epoch_end")
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -157,9 +163,13 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     settings = state.settings
+    resources = settings["resources"]
+    # A trial spread over Ray Train workers only drives them: the workers ask for the CPUs and GPUs, the trial
+    # for a token share of a CPU (Tune refuses a trial that asks for nothing).
+    spread = resources["workers_per_trial"] > 1
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, state=asdict(state)),
-        {"cpu": settings["resources"]["cpu"], "gpu": settings["resources"]["gpu"]},
+        {"cpu": DRIVER_CPU if spread else resources["cpu"], "gpu": 0 if spread else resources["gpu"]},
     )
     if resume:
         return tune.Tuner.restore(state.folder, trainable, resume_unfinished=True, resume_errored=True)
