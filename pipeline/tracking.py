@@ -288,7 +288,14 @@ class RecordedMLFlowLogger(MLFlowLogger):
 
     def open(self, continued: bool) -> None:
         """Create the run (or mark the continued one RUNNING again) and its record."""
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         client = self.experiment  # creates the run unless continuing one
+        # Lightning calls mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI: the next run composed in
+        # this process (conf/logger/mlflow.yaml follows that variable) would log into this run's store.
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
         if continued:
             client.update_run(self.run_id, status="RUNNING")
         run = client.get_run(self.run_id)

@@ -104,3 +104,15 @@ def test_resume_of_something_that_is_neither_a_run_nor_a_checkpoint_says_what_to
     for given, message in (("0123abcd", "no such run in MLflow"), (f"{root}/gone.ckpt", "no such checkpoint file")):
         done = run_cli("pipeline.train", f"resume={given}", root=root)
         assert done.returncode == 2 and message in done.stderr and "resume=" in done.stderr, done.stderr[-2000:]
+
+
+def test_runs_in_one_process_each_log_to_their_own_store(root: Path) -> None:
+    """MLflow exports the tracking URI of a run into the environment; the next run must not follow it."""
+    from pipeline.run import run
+    from tests.conftest import compose_in
+
+    tiny = ["trainer.max_epochs=1", "scheduler.warmup_epochs=0", "trainer.limit_train_batches=2", "model=lenet5"]
+    for name in ("first", "second"):
+        result = run(compose_in(root / name, tiny))
+        assert result.tracking_uri == store_uri(root / name)
+    assert only_run(root / "first").info.run_id != only_run(root / "second").info.run_id
