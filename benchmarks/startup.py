@@ -1,0 +1,79 @@
+"""Start-up: `pipeline.train --help`, and the time from a fresh interpreter to the first training step, against
+`python -c "import torch"` as the floor.
+
+    .venv/bin/python benchmarks/startup.py [--repeats 5]
+
+Each measurement is a fresh process. The first-step time comes from a callback in the FIRST_STEP script
+below (compose + run(cfg), as pipeline.train does); the clock starts just before the process is spawned.
+Results go to stdout as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FIRST_STEP = """
+import sys, time
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from pipeline.config import compose
+from pipeline.run import run
+
+class FirstStep(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0 and trainer.current_epoch == 0:
+            print(f"FIRST_STEP {time.time() - float(sys.argv[1]):.3f}", flush=True)
+
+root = sys.argv[2]
+cfg = compose([f"paths.root={root}", f"paths.output_dir={root}/out", "progress=none",
+               "trainer.max_epochs=1", "scheduler.warmup_epochs=0", "trainer.limit_train_batches=1",
+               "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.enable_model_summary=false"])
+run(cfg, callbacks=[FirstStep()])
+"""
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    python = sys.executable
+    rows: dict[str, list[float]] = {"python -c 'import torch'": [], "pipeline.train --help": [], "first step": []}
+    for _ in range(args.repeats):
+        rows["python -c 'import torch'"].append(timed([python, "-c", "import torch"])[0])
+        rows["pipeline.train --help"].append(timed([python, "-m", "pipeline.train", "--help"])[0])
+        with tempfile.TemporaryDirectory() as root:
+            env_start = time.time()
+            done = subprocess.run(
+                [python, "-c", FIRST_STEP, str(env_start), root],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+                env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+            )
+            line = next(line for line in done.stdout.splitlines() if line.startswith("FIRST_STEP"))
+            rows["first step"].append(float(line.split()[1]))
+    floor = statistics.median(rows["python -c 'import torch'"])
+    print(f"{args.repeats} fresh processes each; median (min–max)\n")
+    print("| what | seconds | × import torch |\n|---|---:|---:|")
+    for name, values in rows.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.2f} ({min(values):.2f}–{max(values):.2f}) | {median / floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""python -m pipeline.compare experiment=<name> | runs=[id1,id2,…]: training runs side by side.
+
+One row per run — run id and name, key params, final metrics, FLOPs and parameter counts, epochs, duration, and
+every param whose value is not the same in all of them — printed and written as `comparison.csv`, with
+`learning_curves.png` (metric histories per epoch, one line per run) and `accuracy_vs_flops.png`. All of it is
+written to the output folder and logged as a new MLflow run tagged kind=comparison (and compared_runs).
+
+Exit status: 0 compared and logged; 2 an error the message explains (unknown experiment or run, no runs).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, open_dict
+
+from pipeline.config import CONF_DIR
+from pipeline.errors import UserInputError
+
+KIND = "comparison"
+NOT_TRAININGS = ("evaluation", "comparison")  # kinds of runs an experiment holds besides trainings
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: list[dict[str, Any]]
+    differing: list[str]  # params whose values are not all equal
+    files: dict[str, Path]  # table, learning curves, accuracy against FLOPs
+    run_id: str  # the comparison's own MLflow run
+    tracking_uri: str
+
+
+def select_runs(client: Any, cfg: DictConfig) -> list[Any]:
+    """The runs named by runs=[…], or the training runs of experiment=<name>."""
+    from pipeline.source import KIND_TAG, get_run
+
+    if cfg.runs:
+        ids = [str(run_id) for run_id in cfg.runs]
+        return [get_run(client, run_id, "runs=[…]") for run_id in dict.fromkeys(ids)]
+    if not cfg.experiment_name:
+        raise UserInputError("Say what to compare: experiment=<name> (its training runs) or 'runs=[<id1>,<id2>]'.")
+    experiment = client.get_experiment_by_name(str(cfg.experiment_name))
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise UserInputError(
+            f"experiment={cfg.experiment_name}: no such experiment in {client.tracking_uri} (it has: "
+            f"{', '.join(names)}). Give one of those, or point logger.tracking_uri at the store that holds it."
+        )
+    status = f"attributes.status = '{cfg.status}'" if cfg.status else ""
+    found = client.search_runs(
+        [experiment.experiment_id], filter_string=status, max_results=int(cfg.max_runs), order_by=["start_time DESC"]
+    )
+    runs = [
+        run
+        for run in found
+        if run.data.tags.get(KIND_TAG) not in NOT_TRAININGS and run.data.tags.get("sweep.role") != "parent"
+    ]
+    if not runs:
+        which = f" with status {cfg.status}" if cfg.status else ""
+        raise UserInputError(
+            f"experiment={cfg.experiment_name} has no training runs{which} to compare. Train some first, or set "
+            "status=null to include unfinished ones."
+        )
+    return list(reversed(runs))  # oldest first
+
+
+def differing_params(runs: Sequence[Any], ignore: Sequence[str]) -> list[str]:
+    """Param keys whose values are not the same in every run (a missing param counts as a value)."""
+    keys = sorted({key for run in runs for key in run.data.params})
+    return [
+        key
+        for key in keys
+        if not any(fnmatch.fnmatch(key, pattern) for pattern in ignore)
+        and len({run.data.params.get(key) for run in runs}) > 1
+    ]
+
+
+def table(runs: Sequence[Any], cfg: DictConfig, histories: Mapping[str, Mapping[str, list[float]]]) -> list[dict]:
+    key_params = [str(key) for key in cfg.params]
+    differing = [key for key in differing_params(runs, cfg.ignore_params) if key not in key_params]
+    rows = []
+    for run in runs:
+        info, data = run.info, run.data
+        duration = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+        epochs = max((len(points) for points in histories[info.run_id].values()), default=0)
+        rows.append(
+            {
+                "run_id": info.run_id,
+                "run_name": info.run_name,
+                "status": info.status,
+                **{key: data.params.get(key, "") for key in key_params},
+                **{metric: data.metrics.get(metric) for metric in cfg.metrics},
+                "epochs": epochs,
+                "duration_s": round(duration, 1) if duration is not None else None,
+                **{key: data.params.get(key, "") for key in differing},
+            }
+        )
+    return rows
+
+
+def metric_histories(client: Any, runs: Sequence[Any], metrics: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """Each run's values of each metric in step order: one per epoch for the per-epoch metrics."""
+
+    def values(run_id: str, metric: str) -> list[float]:
+        points = sorted(client.get_metric_history(run_id, metric), key=lambda p: (p.step, p.timestamp))
+        return [point.value for point in points]
+
+    return {run.info.run_id: {metric: values(run.info.run_id, metric) for metric in metrics} for run in runs}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def learning_curves_png(
+    runs: Sequence[Any], histories: Mapping[str, Mapping[str, list[float]]], metrics: Sequence[str], path: Path
+) -> Path:
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for run in runs:
+            values = histories[run.info.run_id][metric]
+            if values:
+                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=run.info.run_name)
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Learning curves of {len(runs)} runs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def accuracy_flops_png(rows: Sequence[Mapping[str, Any]], accuracy: str, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    points = [row for row in rows if row.get("model/flops") and row.get(accuracy) is not None]
+    for row in points:
+        ax.scatter(row["model/flops"], row[accuracy])
+        ax.annotate(row["run_name"], (row["model/flops"], row[accuracy]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    if points:
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, f"no run has both model/flops and {accuracy}", ha="center", transform=ax.transAxes)
+    ax.set(xlabel="FLOPs per image (log scale)", ylabel=accuracy, title=f"{accuracy} against cost")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+    return path
+
+
+def compare(cfg: DictConfig) -> Comparison:
+    from mlflow.entities import Param
+
+    from pipeline import tracking
+    from pipeline.source import KIND_TAG, client_for
+
+    uri = str(cfg.logger.tracking_uri)
+    tracking.prepare(uri, cfg.logger.http)
+    client = client_for(uri)
+    runs = select_runs(client, cfg)
+    histories = metric_histories(client, runs, [str(metric) for metric in cfg.curves])
+    rows = table(runs, cfg, histories)
+    differing = differing_params(runs, cfg.ignore_params)
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "": write_table(rows, output_dir / "comparison.csv"),
+        "figures": learning_curves_png(runs, histories, list(cfg.curves), output_dir / "learning_curves.png"),
+    }
+    flops = accuracy_flops_png(rows, str(cfg.accuracy), output_dir / "accuracy_vs_flops.png")
+
+    if cfg.logger.experiment_name:
+        artifacts = None if tracking.is_server(uri) else str(cfg.logger.artifact_root)
+        experiment_id = tracking.ensure_experiment(client, str(cfg.logger.experiment_name), artifacts)
+    else:
+        experiment_id = runs[0].info.experiment_id
+    ids = [run.info.run_id for run in runs]
+    tags = {
+        KIND_TAG: KIND,
+        "compared_runs": ",".join(ids)[:5000],
+        "differing_params": ",".join(differing)[:5000],
+        "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
+    }
+    name = cfg.logger.run_name or f"compare-{len(runs)}-runs-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(experiment_id, run_name=str(name), tags=tags)
+    run_id = run.info.run_id
+    with tracking.recorded_status(lambda status: client.set_terminated(run_id, status)):
+        params = {"runs": len(runs), "experiment": cfg.experiment_name or "", "curves": ",".join(cfg.curves)}
+        client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+        for folder, path in files.items():
+            client.log_artifact(run_id, str(path), folder or None)
+        client.log_artifact(run_id, str(flops), "figures")
+    return Comparison(rows, differing, {**files, "accuracy": flops}, run_id, uri)
+
+
+def show(result: Comparison) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline import tracking
+
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
+    table_ = Table(title=f"{len(result.rows)} runs (full run ids in the CSV)")
+    columns = [key for key in result.rows[0] if key not in ("status",)]
+    for column in columns:
+        table_.add_column(column, overflow="fold", no_wrap=column == "run_name")
+    for row in result.rows:
+        table_.add_row(*[row[column][:8] if column == "run_id" else _cell(row[column]) for column in columns])
+    console.print(table_)
+    console.print(f"Params that differ between the runs: {', '.join(result.differing) or 'none'}")
+    for path in result.files.values():
+        console.print(f"Wrote {path}")
+    console.print(f"Comparison run: {result.run_id}")
+    console.print(f"See the runs: {tracking.ui_command(result.tracking_uri)}")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="compare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        result = compare(cfg)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    show(result)
+
+
+def experiment_as_value(argv: Sequence[str]) -> list[str]:
+    """`experiment=<name>` means the experiment's name here; Hydra would read it as the train presets' group
+    (conf/experiment/), so it is passed on as experiment_name=<name>."""
+    return [f"experiment_name={arg.split('=', 1)[1]}" if arg.startswith("experiment=") else arg for arg in argv]
+
+
+if __name__ == "__main__":
+    sys.argv = experiment_as_value(sys.argv)
+    main()
