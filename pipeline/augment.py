@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR
-from pipeline.errors import UserInputError
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="augment", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from pipeline.cli import user_errors
     from pipeline.config import validate
     from pipeline.data.preview import save_augmentation_grid
     from pipeline.run import build_inputs
 
-    try:
+    with user_errors():
         validate(cfg)
         inputs = build_inputs(cfg)
         path = save_augmentation_grid(
@@ -31,9 +30,6 @@ def main(cfg: DictConfig) -> None:
             seed=cfg.seed,
             title=f"aug={cfg.aug.name} on {cfg.data.name}, input {inputs.spec.size[0]}x{inputs.spec.size[1]}",
         )
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(path)
 
 

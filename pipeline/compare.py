@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
+from pipeline.cli import adopt_output_folder, user_errors
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -256,15 +257,9 @@ def _cell(value: Any) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="compare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
+    adopt_output_folder(cfg)
+    with user_errors():
         result = compare(cfg)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     show(result)
 
 

@@ -25,6 +25,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline.cli import adopt_output_folder, user_errors
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -253,16 +254,10 @@ def report(result: Evaluation) -> None:
 def main(cfg: DictConfig) -> None:
     import os
 
-    from hydra.core.hydra_config import HydraConfig
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
+    adopt_output_folder(cfg)
+    with user_errors():
         result = evaluate(cfg)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     report(result)
     if result.unsynced:
         print(f"error: {result.unsynced}", file=sys.stderr)

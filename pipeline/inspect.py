@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli import user_errors
 from pipeline.config import CONF_DIR
-from pipeline.errors import UserInputError
 
 
 def list_models(pattern: str = "*") -> None:
@@ -55,11 +55,8 @@ def show(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="inspect", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors():
         show(cfg)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

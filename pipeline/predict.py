@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import csv
 import glob
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
+from pipeline.cli import adopt_output_folder, user_errors
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -164,16 +164,10 @@ def show(rows: Sequence[Prediction], path: Path) -> None:
 def main(cfg: DictConfig) -> None:
     import os
 
-    from hydra.core.hydra_config import HydraConfig
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
+    adopt_output_folder(cfg)
+    with user_errors():
         rows, path = predict(cfg)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     show(rows, path)
 
 

@@ -7,12 +7,12 @@ and classes. Nothing is copied. Exit status: 0 registered; 2 an error the messag
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.cli import user_errors
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -50,12 +50,9 @@ def register(source: str, name: str, tracking_uri: str, description: str | None 
 def main(cfg: DictConfig) -> None:
     from pipeline import tracking
 
-    try:
+    with user_errors():
         tracking.prepare(str(cfg.logger.tracking_uri), cfg.logger.http)
         version = register(str(cfg.source), str(cfg.name), str(cfg.logger.tracking_uri), cfg.description)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(f"Registered models:/{version.name}/{version.version} ({version.source})")
     print(f"Evaluate it: python -m pipeline.evaluate source=models:/{version.name}/{version.version}")
 

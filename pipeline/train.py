@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli import adopt_output_folder, user_errors
 from pipeline.config import CONF_DIR
-from pipeline.errors import TrainingDiverged, UserInputError
+from pipeline.errors import TrainingDiverged
 
 
 def report(result: object) -> None:
@@ -35,20 +36,13 @@ def report(result: object) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
     from pipeline.run import run  # imported here so --help and config errors answer fast
 
-    # The folder Hydra made for this run is the run's output folder. DDP ranks are re-launched by Lightning
-    # with rank 0's hydra.run.dir, so they agree on it even when their clocks tick past a second.
-    with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
+    # DDP ranks are re-launched by Lightning with rank 0's hydra.run.dir, so they agree on the output folder
+    # even when their clocks tick past a second.
+    adopt_output_folder(cfg)
+    with user_errors(TrainingDiverged):
         result = run(cfg)
-    except (UserInputError, TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     if not result.run_id:
         return  # a data-parallel rank other than the first: the first one reports
     report(result)
