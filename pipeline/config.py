@@ -46,6 +46,14 @@ def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _fraction(value: Any) -> bool:
+    return _number(value) and 0 <= value <= 1
+
+
 def _one_of(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
     return (lambda value: value in allowed), "one of " + ", ".join(map(str, allowed))
 
@@ -102,16 +110,33 @@ RULES: Sequence[Rule] = (
         5,
     ),
     _rule("data.classes", lambda v: v is None or (isinstance(v, list) and len(v) >= 2), "null or >= 2 names", "[0,1]"),
+    _rule("model.reset_head", _boolean, "true or false", "true"),
     _rule("model.weights", lambda v: v is None or (isinstance(v, str) and v.strip()), "null or a path", "w.pt"),
     _rule("finetune.unfreeze_epoch", lambda v: v is None or (_integer(v) and v >= 0), "an integer >= 0 or null", 5),
     _rule("finetune.backbone_lr_factor", lambda v: _number(v) and v > 0, "a number > 0", 0.1),
     _rule("optim.lr", lambda v: _number(v) and v > 0, "a number > 0", 0.01),
+    _rule("optim.lr_base", lambda v: v is None or (_number(v) and v > 0), "a number > 0 or null", 0.1),
+    _choice_rule("optim.lr_scale", "linear", "sqrt"),
+    _rule("model.kwargs.drop_rate", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.2),
+    _rule("model.kwargs.drop_path_rate", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.1),
+    _rule("mixup.mixup_alpha", lambda v: _number(v) and v >= 0, "a number >= 0 (0 = off)", 0.2),
+    _rule("mixup.cutmix_alpha", lambda v: _number(v) and v >= 0, "a number >= 0 (0 = off)", 1.0),
+    _rule("mixup.prob", _fraction, "a number in [0, 1]", 1.0),
+    _rule("mixup.switch_prob", _fraction, "a number in [0, 1]", 0.5),
+    _rule("mixup.label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.1),
+    _rule("mixup.off_epoch", lambda v: v is None or (_integer(v) and v >= 0), "an integer >= 0 or null", 25),
+    _rule("ema.enabled", _boolean, "true or false", "true"),
+    _rule("ema.decay", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)", 0.9998),
+    _rule("ema.warmup", _boolean, "true or false", "true"),
+    _rule("perf.channels_last", _boolean, "true or false", "true"),
+    _rule("perf.compile", _boolean, "true or false", "true"),
     _rule("optim.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0", 0.0005),
     _rule("optim.momentum", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.9),
     _rule("scheduler.warmup_epochs", lambda v: _number(v) and v >= 0, "a number >= 0", 1),
     _rule("trainer.max_epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1", 20),
     _rule("trainer.precision", lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS), "bf16-mixed"),
     _rule("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1", 1),
+    _rule("trainer.gradient_clip_val", lambda v: v is None or (_number(v) and v > 0), "a number > 0 or null", 1.0),
     # MLflow's client refuses more than 10 retries or a backoff factor above 120
     _rule("logger.http.max_retries", lambda v: _integer(v) and 0 <= v <= 10, "an integer in 0..10", 5),
     _rule("logger.http.backoff_factor", lambda v: _integer(v) and 0 <= v <= 120, "an integer in 0..120", 2),
@@ -141,6 +166,13 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"finetune.unfreeze_epoch={unfreeze} is not before trainer.max_epochs={epochs}: the backbone would "
             f"never train (e.g. finetune.unfreeze_epoch={epochs // 3}, or finetune=linear_probe to keep it frozen)"
+        )
+    mixup, batch_size = cfg.get("mixup") or {}, cfg.data.get("batch_size")
+    mixing = any(_number(mixup.get(k)) and mixup.get(k) > 0 for k in ("mixup_alpha", "cutmix_alpha"))
+    if mixing and _integer(batch_size) and batch_size % 2:
+        problems.append(
+            f"data.batch_size={batch_size} is odd, but Mixup/CutMix (mixup.mixup_alpha, mixup.cutmix_alpha) mixes "
+            f"each batch with its reverse and needs an even one (e.g. data.batch_size={batch_size + 1})"
         )
     mean, std = cfg.data.get("mean"), cfg.data.get("std")
     if (mean is None) != (std is None) or (mean is not None and len(mean) != len(std)):

@@ -10,14 +10,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from pipeline.distributed import effective_batch_size
+from pipeline.ema import WEIGHTS_KEY
 from pipeline.errors import TrainingDiverged
 from pipeline.models.factory import head_and_backbone
+from pipeline.recipes import scaled_lr
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -43,12 +48,28 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         aux_weight: float = 0.3,
         backbone_lr_factor: float = 1.0,
+        mixup: Mixup | None = None,
+        mixup_off_epoch: int | None = None,
+        lr_base: float | None = None,
+        lr_scale: str = "linear",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
+        """`mixup` (timm's, or None) mixes every training batch until epoch `mixup_off_epoch` (None: to the end);
+        with it the training loss is soft-target cross-entropy. `lr_base` (None: the optimizer's lr as is) is the
+        learning rate per 256 images, scaled (`lr_scale`: linear | sqrt) to the effective batch size.
+        `channels_last` and `compile` (torch.compile, in place) are applied to the model at set-up."""
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.mixup = mixup
+        self.mixup_off_epoch = mixup_off_epoch
+        # Mixed targets are distributions; Mixup applies the label smoothing itself (mixup.label_smoothing).
+        self.train_criterion = SoftTargetCrossEntropy() if mixup is not None else self.criterion
+        self.lr_base, self.lr_scale = lr_base, lr_scale
+        self.channels_last, self.compile_model = channels_last, compile
         self.aux_weight = aux_weight
         self.backbone_lr_factor = backbone_lr_factor
         metrics = classification_metrics(num_classes)
@@ -57,22 +78,40 @@ class ImageClassifier(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
+    def setup(self, stage: str) -> None:
+        # After the callbacks' set-up: the EMA callback has copied the model by now (a compiled one would not copy).
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.compile_model and getattr(self.model, "_compiled_call_impl", None) is None:
+            self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
     def _step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        stage: str,
+        metrics: MetricCollection,
+        criterion: nn.Module | None = None,
+        targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss against `targets` (default: the labels) with `criterion` (default: cross-entropy); metrics against
+        the labels, so mixed training batches are still scored on what their images originally were."""
         images, labels = batch
+        criterion = criterion or self.criterion
+        targets = labels if targets is None else targets
         output = self(images)
         if isinstance(output, tuple):
             # Auxiliary classifiers (GoogLeNet in training mode): their losses are added with a small weight
             # to push gradient into the lower layers (Szegedy et al. 2014 use 0.3); only the main logits count.
             logits, *aux = output
-            loss = self.criterion(logits, labels) + self.aux_weight * sum(self.criterion(a, labels) for a in aux)
+            loss = criterion(logits, targets) + self.aux_weight * sum(criterion(a, targets) for a in aux)
         else:
             logits = output
-            loss = self.criterion(logits, labels)
+            loss = criterion(logits, targets)
         metrics.update(logits, labels)
         self.log(
             f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True
@@ -81,7 +120,13 @@ class ImageClassifier(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._step(batch, "train", self.train_metrics)
+        images, labels = batch
+        targets = None
+        if self.mixup is not None:
+            off = self.mixup_off_epoch is not None and self.current_epoch >= self.mixup_off_epoch
+            self.mixup.mixup_enabled = not off  # then it only smooths the one-hot targets, as in timm's train.py
+            images, targets = self.mixup(images, labels)  # mixes the batch in place; the labels stay as they were
+        loss, _ = self._step((images, labels), "train", self.train_metrics, self.train_criterion, targets)
         self._nonfinite_steps += (~torch.isfinite(loss.detach())).int()
         return loss
 
@@ -109,6 +154,9 @@ class ImageClassifier(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault(WEIGHTS_KEY, "live")  # the EMA callback, called first, sets "ema"
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """One group; or, with a backbone_lr_factor other than 1, the head and the backbone apart (discriminative
         learning rates). Frozen parameters stay in their group: without gradients the optimizer skips them."""
@@ -119,6 +167,15 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.lr_base is not None:
+            batch = effective_batch_size(
+                self.trainer.datamodule.batch_size, self.trainer.world_size, 1, self.trainer.accumulate_grad_batches
+            )
+            lr = scaled_lr(self.lr_base, batch, self.lr_scale)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if self.logger is not None:
+                self.logger.log_hyperparams({"optim.lr_scaled": lr, "optim.effective_batch_size": batch})
         for group in optimizer.param_groups:
             if group.get("name") == "backbone":
                 group["lr"] *= self.backbone_lr_factor  # before the scheduler takes each group's lr as its base

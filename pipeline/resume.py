@@ -60,6 +60,10 @@ class RandomStateCheckpoint(Callback):
         np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
         random.setstate(saved["python"])
         self.saved = None
+        # Lightning made the first epoch's loader iterator while setting up, before this restore, and reuses it
+        # when resuming; an uninterrupted run makes each epoch's iterator at the epoch's start, drawing its
+        # shuffle and worker seeds from the generator restored above. Make it again, so the draws are the same.
+        iter(trainer.fit_loop._data_fetcher)
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:

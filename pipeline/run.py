@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline import resume, tracking
@@ -36,11 +36,13 @@ from pipeline.data.preview import save_augmentation_grid
 from pipeline.data.sources import load_splits
 from pipeline.data.transforms import InputSpec, eval_transform, train_transform
 from pipeline.distributed import ReportingDDPStrategy, describe_batch, is_first_process
+from pipeline.ema import ModelEma
 from pipeline.finetune import BackboneFreeze
 from pipeline.models.factory import ModelError, create_model
 from pipeline.models.stats import count_flops, count_parameters
 from pipeline.module import ImageClassifier
 from pipeline.plots import confusion_matrix_png
+from pipeline.recipes import build_mixup, mixup_enabled, optimizer_factory
 from pipeline.resume import RandomStateCheckpoint
 
 
@@ -98,6 +100,8 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True)
                 min_delta=cfg.early_stopping.min_delta,
             )
         )
+    if cfg.get("ema") and cfg.ema.enabled:  # validate, test and checkpoint an average of the weights
+        callbacks.append(ModelEma(decay=cfg.ema.decay, warmup=cfg.ema.warmup))
     progress = {"rich": RichProgressBar, "tqdm": TQDMProgressBar}.get(cfg.progress)
     if progress is not None:
         callbacks.append(progress())
@@ -131,6 +135,7 @@ def build_data(cfg: DictConfig, splits: ImageSplits, spec: InputSpec) -> ImageDa
         pin_memory=cfg.data.pin_memory,
         persistent_workers=cfg.data.persistent_workers,
         prefetch_factor=cfg.data.prefetch_factor,
+        drop_last=mixup_enabled(cfg.get("mixup")),  # timm's Mixup needs an even batch
     )
 
 
@@ -155,8 +160,9 @@ def build_inputs(cfg: DictConfig) -> Inputs:
         num_classes=splits.num_classes,
         in_chans=splits.channels,
         pretrained=cfg.model.pretrained,
-        weights=cfg.model.get("weights"),
+        weights=cfg.model.weights,
         tracking_uri=str(cfg.logger.tracking_uri),
+        reset_head=cfg.model.reset_head,
         kwargs=cfg.model.kwargs,
     )
     model_config = timm.data.resolve_model_data_config(model)
@@ -244,11 +250,17 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     module = ImageClassifier(
         model,
         num_classes=splits.num_classes,
-        optimizer=instantiate(cfg.optim),
+        optimizer=optimizer_factory(cfg.optim),
         scheduler=instantiate(cfg.scheduler),
         label_smoothing=cfg.loss.label_smoothing,
         aux_weight=cfg.loss.aux_weight,
         backbone_lr_factor=cfg.finetune.backbone_lr_factor,
+        mixup=build_mixup(cfg.get("mixup"), splits.num_classes),
+        mixup_off_epoch=OmegaConf.select(cfg, "mixup.off_epoch"),
+        lr_base=cfg.optim.get("lr_base"),
+        lr_scale=cfg.optim.get("lr_scale", "linear"),
+        channels_last=OmegaConf.select(cfg, "perf.channels_last", default=False),
+        compile=OmegaConf.select(cfg, "perf.compile", default=False),
     )
     if not lead:
         return follow(cfg, module, datamodule, callbacks)
@@ -292,6 +304,10 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         tracking.log_files(logger, {"figures": confusion})
         if best and cfg.logger.log_checkpoint:
             tracking.log_files(logger, {"checkpoints": Path(best)})
+        logger.set_tag("checkpoint.weights", "ema" if OmegaConf.select(cfg, "ema.enabled") else "live")
+        profiles = getattr(trainer.profiler, "dirpath", None)  # debug=profile: the profiler's reports
+        for report in sorted(Path(profiles).glob("*.txt")) if profiles else ():
+            tracking.log_files(logger, {"profile": report})
 
     best_score = trainer.checkpoint_callback.best_model_score
     metrics = {name: float(value) for name, value in test_metrics.items()}

@@ -88,7 +88,8 @@ def one_cycle(
         optimizer,
         max_lr=[group["lr"] for group in optimizer.param_groups],
         total_steps=total_steps,
-        pct_start=min(0.99, max(1, round(warmup_epochs * steps_per_epoch)) / total_steps),
+        # OneCycleLR peaks at step pct_start × total_steps - 1: +1 puts the peak where the warm-up of the others ends
+        pct_start=min(0.99, (max(1, round(warmup_epochs * steps_per_epoch)) + 1) / total_steps),
         div_factor=div_factor,
         final_div_factor=final_div_factor,
         anneal_strategy=anneal_strategy,

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 
 from pipeline.config import CONF_DIR, ConfigError, validate
 from pipeline.data.transforms import InputSpec, train_transform
+from pipeline.recipes import optimizer_factory
 from tests.conftest import compose_in
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -32,7 +33,7 @@ def test_every_optimizer_and_schedule_builds_and_steps(root: Path, option: str) 
     for schedule in sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml")):
         cfg = compose_in(root, [f"optim={option}", f"scheduler={schedule}"])
         weight = torch.nn.Parameter(torch.ones(3))
-        optimizer = instantiate(cfg.optim)([weight])
+        optimizer = optimizer_factory(cfg.optim)([weight])  # the optimizer, without optim.lr_base/lr_scale
         scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=10, max_epochs=cfg.trainer.max_epochs)
         for _ in range(5):
             optimizer.step()

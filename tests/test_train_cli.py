@@ -82,7 +82,7 @@ def test_checkpoints_and_hydra_output_stay_in_one_folder(trained: tuple[Path, st
 def test_help_lists_groups_and_options(root: Path) -> None:
     done = run_cli("pipeline.train", "--help", root=root)
     assert done.returncode == 0
-    for expected in ("optim: adam, adamw, sgd", "model:", "scheduler:", "Examples:"):
+    for expected in ("optim: adam, adamw, lamb, sgd", "model:", "scheduler:", "Examples:"):
         assert expected in done.stdout
 
 

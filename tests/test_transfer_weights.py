@@ -80,6 +80,24 @@ def test_saved_weights_load_into_a_new_head_with_the_backbone_intact(tmp_path: P
     assert torch.equal(same.fc.weight, original["fc.weight"]) and torch.equal(same.fc.bias, original["fc.bias"])
 
 
+def test_reset_head_starts_a_fitting_head_afresh_for_new_classes(tmp_path: Path) -> None:
+    """model.reset_head: the same class count, other classes (digits 0–4 → 5–9) — the old head must not be kept."""
+    source = source_model(num_classes=5)
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(source.state_dict(), path)
+    original = source.state_dict()
+
+    torch.manual_seed(7)
+    fresh = create_model("test_resnet", num_classes=5, in_chans=1, pretrained=False)
+    torch.manual_seed(7)
+    model = create_model("test_resnet", num_classes=5, in_chans=1, pretrained=True, weights=str(path), reset_head=True)
+    loaded = model.state_dict()
+    for key, tensor in backbone(original).items():
+        assert torch.equal(loaded[key], tensor), key
+    assert not torch.equal(model.fc.weight, original["fc.weight"]), "a fresh head, though the old one fits"
+    assert torch.equal(model.fc.weight, fresh.fc.weight) and torch.equal(model.fc.bias, fresh.fc.bias), "as created"
+
+
 def test_the_input_layer_is_adapted_to_the_channels_as_timm_does(tmp_path: Path) -> None:
     rgb = source_model(in_chans=3)
     path = tmp_path / "rgb.safetensors"

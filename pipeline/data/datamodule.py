@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,16 @@ def seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
+def random_generators(transform: Any) -> list[tuple[np.random.Generator, random.Random]]:
+    """The (NumPy, Python) generators of an Albumentations pipeline and of every transform in it, in order."""
+    found = []
+    if hasattr(transform, "random_generator") and hasattr(transform, "py_random"):
+        found.append((transform.random_generator, transform.py_random))
+    for child in getattr(transform, "transforms", []):
+        found.extend(random_generators(child))
+    return found
+
+
 class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -54,7 +65,9 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool,
         persistent_workers: bool,
         prefetch_factor: int | None,
+        drop_last: bool = False,
     ) -> None:
+        """`drop_last`: leave out the last, smaller training batch of each epoch (Mixup needs even batches)."""
         super().__init__()
         if len(splits.train) < batch_size:
             # Not one full batch per epoch: batch statistics are noise and BatchNorm fails on a batch of one.
@@ -67,6 +80,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.batch_size = batch_size
+        self.drop_last = drop_last
         self.loader_options: dict[str, Any] = {
             "num_workers": num_workers,
             "pin_memory": pin_memory,
@@ -81,27 +95,24 @@ class ImageDataModule(L.LightningDataModule):
             TransformedImages(images, transform),
             batch_size=self.batch_size,
             shuffle=train,
-            drop_last=False,
+            drop_last=train and self.drop_last,
             **self.loader_options,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the augmentation stream stands. Without loader workers it runs in this process with its own
-        generators: kept in checkpoints, so a resumed run augments as an uninterrupted one would."""
-        generator, py_random = (
-            getattr(self.train_transform, "random_generator", None),
-            getattr(self.train_transform, "py_random", None),
-        )
-        if generator is None or py_random is None:
-            return {}
-        return {"augmentation_rng": [generator.bit_generator.state, py_random.getstate()]}
+        """Where the augmentation streams stand. Without loader workers they run in this process, each transform
+        with generators of its own: kept in checkpoints, so a resumed run augments as an uninterrupted one would."""
+        states = [[g.bit_generator.state, r.getstate()] for g, r in random_generators(self.train_transform)]
+        return {"augmentation_rng": states} if states else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "augmentation_rng" in state_dict and hasattr(self.train_transform, "random_generator"):
-            generator_state, py_random_state = state_dict["augmentation_rng"]
-            # Set in place: the Compose's transforms share these very generator objects.
-            self.train_transform.random_generator.bit_generator.state = generator_state
-            self.train_transform.py_random.setstate(py_random_state)
+        saved = state_dict.get("augmentation_rng", [])
+        generators = random_generators(self.train_transform)
+        if len(saved) != len(generators):
+            return  # another augmentation pipeline than the checkpoint's: it starts from its seed
+        for (generator, py_random), (generator_state, py_random_state) in zip(generators, saved, strict=True):
+            generator.bit_generator.state = generator_state  # in place: the transforms hold these very objects
+            py_random.setstate(py_random_state)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits.train, self.train_transform, train=True)

@@ -1,7 +1,8 @@
 """One factory for every model: ours (registered when the pipeline.models package is imported) and timm's.
 
 With `pretrained=True` the weights come from `weights` when it is given (a file or `runs:/<run_id>`, see
-pipeline.models.weights), otherwise from the model's published weights through timm.
+pipeline.models.weights), otherwise from the model's published weights through timm. `reset_head` keeps the
+classifier freshly initialised even where the weights' one fits (model.reset_head: fine-tuning for new classes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def create_model(
     pretrained: bool,
     weights: str | None = None,
     tracking_uri: str | None = None,
+    reset_head: bool = False,
     kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     from pipeline.models import weights as sources  # imports MLflow and the hub client only when weights are used
@@ -60,7 +62,7 @@ def create_model(
             f"{sources.how_to_provide(name)}"
         ) from error
     if pretrained and weights is not None:
-        sources.load_weights(model, weights, tracking_uri=tracking_uri)
+        sources.load_weights(model, weights, tracking_uri=tracking_uri, reset_head=reset_head)
     return model
 
 

@@ -12,6 +12,10 @@ models unchanged. Registered as `classic_resnet*` so timm's own (different) `res
 
 `stem="cifar"` replaces the 7×7/2 conv and 3×3/2 max-pool by one 3×3/1 conv, so 32×32 inputs reach the
 stages at full resolution (section 4.2 of the paper does the same for its CIFAR-10 networks).
+
+`drop_path_rate` adds stochastic depth (Huang et al. 2016, "Deep networks with stochastic depth"), not in the
+paper: in training each block's residual branch is dropped for a whole image with a probability that grows
+linearly from 0 at the first block to `drop_path_rate` at the last (timm's DropPath and schedule).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -42,7 +47,14 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -50,12 +62,13 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
 
 class Bottleneck(nn.Module):
@@ -63,7 +76,14 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.conv1 = conv1x1(in_planes, planes)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -73,30 +93,40 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
 
 Block = type[BasicBlock] | type[Bottleneck]
 
 
-def make_stage(block: Block, in_planes: int, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+def make_stage(
+    block: Block,
+    in_planes: int,
+    planes: int,
+    blocks: int,
+    stride: int = 1,
+    drop_paths: Sequence[float] = (),
+) -> nn.Sequential:
     """One conv*_x stage: the first block may change stride and width, the others keep both.
 
     A projection shortcut (1×1 conv + BN) is made only where the first block's output shape differs from its
     input's; every other shortcut is the identity, which adds no parameters (the paper's option B).
+    `drop_paths` gives each block's stochastic-depth rate (none: 0).
     """
     out_planes = planes * block.expansion
+    drop_paths = list(drop_paths) or [0.0] * blocks
     downsample = None
     if stride != 1 or in_planes != out_planes:
         downsample = nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
-    layers = [block(in_planes, planes, stride, downsample)]
-    layers += [block(out_planes, planes) for _ in range(1, blocks)]
+    layers = [block(in_planes, planes, stride, downsample, drop_path=drop_paths[0])]
+    layers += [block(out_planes, planes, drop_path=drop_paths[i]) for i in range(1, blocks)]
     return nn.Sequential(*layers)
 
 
@@ -110,6 +140,7 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         zero_init_residual: bool = False,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if stem not in STEMS:
@@ -127,10 +158,15 @@ class ResNet(nn.Module):
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = make_stage(block, 64, 64, layers[0])  # conv2_x
-        self.layer2 = make_stage(block, 64 * block.expansion, 128, layers[1], stride=2)  # conv3_x
-        self.layer3 = make_stage(block, 128 * block.expansion, 256, layers[2], stride=2)  # conv4_x
-        self.layer4 = make_stage(block, 256 * block.expansion, 512, layers[3], stride=2)  # conv5_x
+        # Stochastic depth: the rate rises linearly over the blocks of the whole network (timm's schedule).
+        total = sum(layers)
+        rates = [drop_path_rate * i / max(1, total - 1) for i in range(total)]
+        starts = [sum(layers[:i]) for i in range(4)]
+        per_stage = [rates[start : start + count] for start, count in zip(starts, layers, strict=True)]
+        self.layer1 = make_stage(block, 64, 64, layers[0], drop_paths=per_stage[0])  # conv2_x
+        self.layer2 = make_stage(block, 64 * block.expansion, 128, layers[1], 2, per_stage[1])  # conv3_x
+        self.layer3 = make_stage(block, 128 * block.expansion, 256, layers[2], 2, per_stage[2])  # conv4_x
+        self.layer4 = make_stage(block, 256 * block.expansion, 512, layers[3], 2, per_stage[3])  # conv5_x
         self.num_features = 512 * block.expansion
         self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

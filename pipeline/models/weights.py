@@ -10,7 +10,8 @@
 
 Local weights are fitted like timm fits its own: the first convolution is adapted to the data's channels
 (timm's adapt_input_conv: RGB weights summed for grayscale, repeated and scaled the other way), and the
-classifier keeps the model's fresh initialisation when its class count differs. Every other tensor must
+classifier keeps the model's fresh initialisation when its class count differs, or always with
+`reset_head=True` (model.reset_head: a new task, even one with as many classes). Every other tensor must
 match by name and shape; what does not is listed in the error. Nothing but tensors is ever unpickled:
 safetensors, or torch.load(weights_only=True).
 """
@@ -147,12 +148,13 @@ def _reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
 # ----------------------------------------------------------------------------------------- local weights
 
 
-def load_weights(model: nn.Module, source: str, tracking_uri: str | None = None) -> Fitted:
-    """Put the weights of `source` (a file or runs:/<run_id>[/<artifact path>]) into `model`, fitted to it."""
+def load_weights(model: nn.Module, source: str, tracking_uri: str | None = None, reset_head: bool = False) -> Fitted:
+    """Put the weights of `source` (a file or runs:/<run_id>[/<artifact path>]) into `model`, fitted to it;
+    `reset_head`: keep the model's fresh classifier even where the weights' one would fit."""
     with tempfile.TemporaryDirectory(prefix="weights-") as folder:
         path = _fetch_run_checkpoint(source, tracking_uri, Path(folder)) if is_run_uri(source) else _file(source)
         state = read_state_dict(path, source)
-    fitted = fit_state_dict(model, state, source)
+    fitted = fit_state_dict(model, state, source, reset_head=reset_head)
     log.info(
         "Loaded model.weights=%s (input convolution adapted: %s; classifier re-initialised: %s)",
         source,
@@ -261,8 +263,11 @@ def _unwrap(loaded: object, source: str) -> dict[str, torch.Tensor]:
     return dict(timm.models.clean_state_dict(dict(state)))  # drops a DataParallel `module.` prefix
 
 
-def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights") -> Fitted:
-    """Load `state` into `model`, adapting the input convolution and leaving a differently sized classifier fresh."""
+def fit_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights", reset_head: bool = False
+) -> Fitted:
+    """Load `state` into `model`, adapting the input convolution and leaving a differently sized classifier fresh
+    (every classifier, with `reset_head`: the weights' head answers another task's classes)."""
     target = model.state_dict()
     state = dict(state)
     adapted = []
@@ -279,7 +284,7 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
     heads = classifier_names(model)
     in_head = tuple(f"{name}." for name in heads)
     head_keys = [key for key in target if key.startswith(in_head)]
-    reset = [key for key in head_keys if key not in state or state[key].shape != target[key].shape]
+    reset = [key for key in head_keys if reset_head or key not in state or state[key].shape != target[key].shape]
     for key in reset:
         state.pop(key, None)
 

@@ -1,0 +1,56 @@
+"""Model EMA: an exponential moving average of the weights, validated, tested and checkpointed instead of them.
+
+Lightning's `WeightAveraging` callback does the work: it keeps the average (`torch.optim.swa_utils.AveragedModel`,
+parameters and BatchNorm statistics) after every optimizer step, swaps it in for validation, copies it into the
+model when training ends, and writes it as the checkpoint's `state_dict` — so the best checkpoint, the test, and
+anything that later loads a checkpoint see the EMA weights — with the live weights in `current_model_state`, from
+which `resume=` restores both. Added here: timm's EMA warm-up, the checkpoint's `weights` flag, and a test that
+keeps the EMA weights it loaded (Lightning's callback would reload the live ones).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
+
+WEIGHTS_KEY = "weights"  # in every checkpoint of ours: "ema" or "live", which weights its state_dict holds
+
+
+def ema_decay(decay: float, num_averaged: int, warmup: bool) -> float:
+    """The decay for this update. With warm-up, timm's ModelEmaV3 rule (gamma 1, power 2/3): the average follows
+    the fast-changing early weights closely and reaches `decay` after about decay^-1.5 steps."""
+    if not warmup:
+        return decay
+    return min(decay, 1 - (1 + num_averaged) ** (-2 / 3))
+
+
+@torch.no_grad()
+def _ema_update(
+    averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor, decay: float, warmup: bool
+) -> None:
+    """AveragedModel's multi-tensor update (torch's get_ema_multi_avg_fn) with the decay of this step."""
+    factor = ema_decay(decay, int(num_averaged), warmup)
+    if torch.is_floating_point(averaged[0]):
+        torch._foreach_lerp_(averaged, current, 1 - factor)
+    else:  # integer buffers (BatchNorm's num_batches_tracked)
+        for average, value in zip(averaged, current, strict=True):
+            average.copy_(average * factor + value * (1 - factor))
+
+
+class ModelEma(WeightAveraging):
+    def __init__(self, decay: float = 0.9998, warmup: bool = True) -> None:
+        super().__init__(multi_avg_fn=partial(_ema_update, decay=decay, warmup=warmup))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        checkpoint[WEIGHTS_KEY] = "ema"
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # resuming: the average and the live weights both come back
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        # Testing or validating a checkpoint: its state_dict, the EMA weights, is what is evaluated.
