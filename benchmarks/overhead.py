@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--case", action="append", choices=sorted(CASES))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="print every epoch's time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, lightning {L.__version__}, {args.threads} threads, {args.epochs} epochs/side")
@@ -117,9 +118,11 @@ def main() -> None:
             "scheduler.warmup_epochs=0",
         ]
         bare, piped = [], []
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             bare += bare_epochs(common, args.epochs)
             piped += pipeline_epochs(common, args.epochs, profile=False)
+            if args.verbose:
+                print(f"  round {round_}: bare {bare[-(args.epochs - 1) :]} pipeline {piped[-(args.epochs - 1) :]}")
         b, p = statistics.median(bare), statistics.median(piped)
         print(f"| {case} | {b:.3f} | {p:.3f} | {p / b:.2f}× |", flush=True)
         if args.profile:
