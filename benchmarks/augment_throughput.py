@@ -115,7 +115,7 @@ def main() -> None:
         print(f"| {size}×{size} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.1f}× |", flush=True)
 
     print("\n| loader at 224×224, aug=heavy, batch 64 | images/s |\n|---|---:|")
-    for workers in sorted({0, args.workers}):
+    for workers in sorted({0, 1, args.workers}):  # in the main process; one worker; every core
         print(f"| num_workers={workers} | {loader_rate(images, workers):.0f} |", flush=True)
 
 

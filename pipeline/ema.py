@@ -23,7 +23,8 @@ WEIGHTS_KEY = "weights"  # in every checkpoint of ours: "ema" or "live", which w
 
 def ema_decay(decay: float, num_averaged: int, warmup: bool) -> float:
     """The decay for this update. With warm-up, timm's ModelEmaV3 rule (gamma 1, power 2/3): the average follows
-    the fast-changing early weights closely and reaches `decay` after about decay^-1.5 steps."""
+    the fast-changing early weights closely (it spans about (1 + step)^(2/3) steps) and reaches `decay` after
+    about (1 - decay)^-1.5 steps (1,000 for 0.99)."""
     if not warmup:
         return decay
     return min(decay, 1 - (1 + num_averaged) ** (-2 / 3))
@@ -45,9 +46,24 @@ def _ema_update(
 class ModelEma(WeightAveraging):
     def __init__(self, decay: float = 0.9998, warmup: bool = True) -> None:
         super().__init__(multi_avg_fn=partial(_ema_update, decay=decay, warmup=warmup))
+        self.swapped = False  # during validation the model holds the average and the average the live weights
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self.swapped = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self.swapped = False
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self.swapped and "current_model_state" in checkpoint:
+            # Saved mid-validation (an interrupt, a crash): the roles are exchanged; put each where it belongs.
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (
+                checkpoint["current_model_state"],
+                checkpoint["state_dict"],
+            )
         checkpoint[WEIGHTS_KEY] = "ema"
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

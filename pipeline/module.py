@@ -126,7 +126,9 @@ class ImageClassifier(L.LightningModule):
         values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
         loss.reset()
         metrics.reset()
-        self.log_dict(values, prog_bar=stage != "test", sync_dist=True)  # equal on every rank: the mean is the same
+        # on_epoch explicitly: logged from on_train_batch_end, the default would be a step value. Equal on every
+        # rank, so the mean that sync_dist takes is the same value.
+        self.log_dict(values, on_step=False, on_epoch=True, prog_bar=stage != "test", sync_dist=True)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -139,13 +141,20 @@ class ImageClassifier(L.LightningModule):
         self._nonfinite_steps += (~torch.isfinite(loss.detach())).int()
         return loss
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_start(self) -> None:
+        # Here, not at each epoch's start: a run resumed mid-epoch skips on_train_epoch_start.
         self._nonfinite_steps = torch.zeros((), dtype=torch.int32, device=self.device)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The epoch's training values are logged with its last batch, not in on_train_epoch_end: Lightning calls
+        # that hook of callbacks (Ray Tune's report, the sweep's per-epoch report) before the module's.
+        if batch_idx + 1 >= self.trainer.num_training_batches:
+            self._log_epoch("train", self.train_metrics)
+
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train", self.train_metrics)
         # Counted on the device and read once an epoch: a per-step check would synchronise the GPU.
         bad = int(self._nonfinite_steps.item())
+        self._nonfinite_steps.zero_()
         if bad:
             raise TrainingDiverged(
                 f"train/loss was NaN or infinite in {bad} step(s) of epoch {self.current_epoch}: training "

@@ -292,7 +292,7 @@ class RecordedMLFlowLogger(MLFlowLogger):
         self.record: RunRecord
         self.failure: str | None = None  # set when a call failed for good: nothing more is sent
         self.last_steps: dict[str, int] = {}  # of a continued run: its steps up to these are already logged
-        self.pending: queue.Queue[list[Metric]] = queue.Queue()
+        self.pending: queue.Queue[list[Metric] | None] = queue.Queue()  # None: the run ended, the sender stops
         self.sender: threading.Thread | None = None
 
     def open(self, continued: bool) -> None:
@@ -350,10 +350,13 @@ class RecordedMLFlowLogger(MLFlowLogger):
         try:
             call(*args, **kwargs)
         except SENT_ERRORS as error:
-            self.failure = f"{what} failed: {str(error)[:500]}"
-            self.record.unsynced = self.failure
+            self._fail(f"{what} failed: {str(error)[:500]}")
+
+    def _fail(self, reason: str) -> None:
+        self.failure = self.record.unsynced = reason
+        if threading.current_thread() is not self.sender:  # the sender leaves saving to the thread that logs
             self.record.save()
-            print(f"warning: {self.unsynced}\nTraining goes on.", file=sys.stderr, flush=True)
+        print(f"warning: {self.unsynced}\nTraining goes on.", file=sys.stderr, flush=True)
 
     @property
     def unsynced(self) -> str | None:
@@ -369,6 +372,9 @@ class RecordedMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         values = {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(dict(params)).items()}
+        # MLflow params are write-once: a continued run that changes one (another device count changes
+        # optim.lr_scaled) keeps the first value rather than failing the whole run's tracking.
+        values = {key: value for key, value in values.items() if self.record.params.get(key, value) == value}
         self.record.params.update(values)
         self.record.save()
         entries = [Param(key, value) for key, value in values.items()]
@@ -393,21 +399,25 @@ class RecordedMLFlowLogger(MLFlowLogger):
         self.pending.put(points)
 
     def _send_metrics(self) -> None:
-        while True:
-            batch = self.pending.get()
-            taken = 1
-            while len(batch) < MAX_METRICS_PER_CALL and not self.pending.empty():
-                batch = batch + self.pending.get()
+        stopping = False
+        while not stopping:
+            batch, taken = self.pending.get(), 1
+            stopping = batch is None
+            points = list(batch or [])
+            while len(points) < MAX_METRICS_PER_CALL and not stopping and not self.pending.empty():
+                more = self.pending.get()
                 taken += 1
-            for start in range(0, len(batch), MAX_METRICS_PER_CALL):
-                self._send(
-                    "logging metrics",
-                    self.experiment.log_batch,
-                    self.run_id,
-                    metrics=batch[start : start + MAX_METRICS_PER_CALL],
-                )
-            for _ in range(taken):
-                self.pending.task_done()
+                stopping = more is None
+                points += more or []
+            try:
+                for start in range(0, len(points), MAX_METRICS_PER_CALL):
+                    chunk = points[start : start + MAX_METRICS_PER_CALL]
+                    self._send("logging metrics", self.experiment.log_batch, self.run_id, metrics=chunk)
+            except Exception as error:  # anything else: stop sending, never leave end() waiting
+                self._fail(f"logging metrics failed: {type(error).__name__}: {str(error)[:500]}")
+            finally:
+                for _ in range(taken):
+                    self.pending.task_done()
 
     def flush(self) -> None:
         """Wait until every metric point logged so far is sent (or the sending has failed for good)."""
@@ -433,7 +443,10 @@ class RecordedMLFlowLogger(MLFlowLogger):
         self.log_artifact(path, None if folder == "." else folder)
 
     def end(self, status: str) -> None:
-        self.flush()
+        if self.sender is not None:
+            self.pending.put(None)  # after the last points: the sender sends them, then stops
+            self.flush()
+            self.sender = None
         self.record.status, self.record.end_time = status, int(time.time() * 1000)
         self.record.save()
         self._send("ending the run", self.experiment.set_terminated, self.run_id, status, self.record.end_time)

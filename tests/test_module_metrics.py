@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from pipeline.module import classification_metrics
@@ -19,3 +22,30 @@ def test_metrics_measure_what_they_say() -> None:
     values = metrics.compute()
     assert values["acc"] == 0.75
     assert values["acc_top5"] == 1.0
+
+
+def test_each_split_is_logged_once_an_epoch_and_callbacks_see_the_epoch_just_trained(root: Path) -> None:
+    """Loss and metrics are logged at each epoch's end (not every step), in time for callbacks that report at
+    on_train_epoch_end (Ray Tune, the sweep's per-epoch report): they must see this epoch's values, not the last."""
+    import lightning as L
+    import mlflow
+
+    from pipeline.run import run
+    from tests.conftest import compose_in, store_uri
+
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.values.append(float(trainer.callback_metrics["train/loss"]))
+
+    seen = Seen()
+    tiny = ["trainer.max_epochs=3", "trainer.limit_train_batches=4", "scheduler.warmup_epochs=0"]
+    result = run(compose_in(root, tiny), callbacks=[seen])
+    client = mlflow.MlflowClient(store_uri(root))
+    for name in ("train/loss", "train/acc", "train/f1", "val/loss", "val/acc"):
+        assert len(client.get_metric_history(result.run_id, name)) == 3, name
+    logged = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
+    assert seen.values == pytest.approx(logged), "each epoch's own value"
+    assert len(set(logged)) == 3

@@ -49,6 +49,12 @@ def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, 
     assert only_run(root).info.status == "KILLED"
     assert {"last.ckpt", "interrupted.ckpt"} <= checkpoints(root)
 
+    if signum == signal.SIGTERM:  # and it resumes from the mid-epoch checkpoint, the newest, to the end
+        resumed = run_cli("pipeline.train", f"resume={only_run(root).info.run_id}", "trainer.max_epochs=3", root=root)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "interrupted.ckpt" in resumed.stdout + resumed.stderr
+        assert only_run(root).info.status == "FINISHED"
+
 
 def test_diverging_run_fails_with_advice_and_is_marked_failed(root: Path) -> None:
     done = run_cli("pipeline.train", "optim.lr=1e6", "trainer.max_epochs=3", root=root)
@@ -139,3 +145,39 @@ def test_points_a_killed_process_recorded_but_never_sent_reach_mlflow_when_the_r
     continued.end("FINISHED")
     history = mlflow.MlflowClient(store_uri(root)).get_metric_history(first.run_id, "val/acc")
     assert sorted((m.step, m.value) for m in history) == [(9, 0.5), (19, 0.6), (29, 0.7)]
+
+
+def test_an_unexpected_error_while_sending_stops_the_sending_but_never_the_end_of_the_run(root: Path) -> None:
+    from pipeline import tracking
+    from tests.conftest import compose_in
+
+    logger = tracking.open_run(compose_in(root), {})
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("not what MLflow's client raises")
+
+    logger.experiment.log_batch = broken  # type: ignore[method-assign]
+    logger.log_metrics({"val/acc": 0.5}, step=1)
+    logger.end("FINISHED")  # returns: the sender neither hangs nor dies with points left unaccounted
+    assert "ValueError: not what MLflow's client raises" in (logger.unsynced or "")
+    assert "pipeline.sync" in (logger.unsynced or "") and tracking.RunRecord.load(logger.record.folder).unsynced
+    assert [m.step for m in logger.record.metrics()] == [1], "kept on disk for pipeline.sync"
+
+
+def test_a_continued_run_keeps_a_param_it_cannot_change_and_goes_on_tracking(root: Path) -> None:
+    from pipeline import tracking
+    from tests.conftest import compose_in
+
+    cfg = compose_in(root)
+    first = tracking.open_run(cfg, {})
+    first.log_hyperparams({"optim.lr_scaled": 0.1})
+    first.end("KILLED")
+    cfg.logger.run_id = first.run_id
+    continued = tracking.open_run(cfg, {})
+    continued.log_hyperparams({"optim.lr_scaled": 0.2, "optim.effective_batch_size": 128})  # another device count
+    continued.log_metrics({"val/acc": 0.9}, step=3)
+    continued.end("FINISHED")
+    assert continued.unsynced is None
+    run = mlflow.MlflowClient(store_uri(root)).get_run(first.run_id)
+    assert run.data.params["optim.lr_scaled"] == "0.1" and run.data.params["optim.effective_batch_size"] == "128"
+    assert run.data.metrics["val/acc"] == 0.9
