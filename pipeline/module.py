@@ -201,6 +201,11 @@ class ImageClassifier(L.LightningModule):
                 group["lr"] = lr
             if self.logger is not None:
                 self.logger.log_hyperparams({"optim.lr_scaled": lr, "optim.effective_batch_size": batch})
+            if self.trainer.is_global_zero:
+                print(
+                    f"learning rate {lr:.4g}: optim.lr_base {self.lr_base:g} scaled ({self.lr_scale}) to {batch} images"
+                    " a step"
+                )
         for group in optimizer.param_groups:
             if group.get("name") == "backbone":
                 group["lr"] *= self.backbone_lr_factor  # before the scheduler takes each group's lr as its base

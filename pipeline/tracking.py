@@ -336,15 +336,10 @@ class RecordedMLFlowLogger(MLFlowLogger):
         A run killed after logging an epoch but before checkpointing it repeats that epoch when resumed; MLflow
         cannot delete a metric point, so the repeat is not logged again.
         """
-        sent = {key: max(m.step for m in client.get_metric_history(self.run_id, key)) for key in run.data.metrics}
-        unsent = [point for point in self.record.metrics() if point.step > sent.get(point.key, -1)]
-        for start in range(0, len(unsent), MAX_METRICS_PER_CALL):
-            self._send(
-                "logging metrics", client.log_batch, self.run_id, metrics=unsent[start : start + MAX_METRICS_PER_CALL]
-            )
-        self.last_steps = dict(sent)
-        for point in unsent:
-            self.last_steps[point.key] = max(point.step, self.last_steps.get(point.key, -1))
+        try:
+            self.last_steps = send_unsent(client, run, self.record)
+        except SENT_ERRORS as error:
+            self._fail(f"logging metrics failed: {str(error)[:500]}")
 
     def _send(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if self.failure is not None:
@@ -460,6 +455,30 @@ class RecordedMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         """Nothing: Lightning would end the run after fit; recorded_status ends it once, after the test."""
+
+
+def send_unsent(client: MlflowClient, run: Run, record: RunRecord) -> dict[str, int]:
+    """Send the metric points of `record` that MLflow lacks: those after the last step it has of each key (points
+    go out in order, so everything up to that step arrived). Returns the last step of each key, now logged."""
+    run_id = run.info.run_id
+    sent = {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+    unsent = [point for point in record.metrics() if point.step > sent.get(point.key, -1)]
+    for start in range(0, len(unsent), MAX_METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=unsent[start : start + MAX_METRICS_PER_CALL])
+    for point in unsent:
+        sent[point.key] = max(point.step, sent.get(point.key, -1))
+    return sent
+
+
+def catch_up_trial(client: MlflowClient, run_id: str) -> Run:
+    """A trial the scheduler stopped, or that died, never ended its run: send what its record has that MLflow
+    lacks (its last epoch may still have been queued), when the record is reachable from here."""
+    run = client.get_run(run_id)
+    folder = Path(run.data.tags.get("output_dir", "")) / RECORD_FOLDER / run_id
+    if run.data.tags.get("output_dir") and (folder / "run.json").exists():
+        send_unsent(client, run, RunRecord.load(folder))
+        run = client.get_run(run_id)
+    return run
 
 
 def open_run(cfg: DictConfig, tags: Mapping[str, str]) -> RecordedMLFlowLogger:
@@ -607,7 +626,7 @@ def settle_trials(parent: ParentRun, results: Any, state: Any, tune_metric: str)
     for result in results:
         trial_id = str(result.metrics.get("trial_id", Path(result.path).name))
         child_id = find_child_run(state.tracking_uri, parent.run_id, trial_id)
-        child = client.get_run(child_id) if child_id else None
+        child = catch_up_trial(client, child_id) if child_id else None
         if result.error is not None:
             outcome = "failed"
             if child and child.info.status == "RUNNING":
