@@ -64,8 +64,8 @@ def sync(record: tracking.RunRecord, uri: str) -> str:
         client.log_batch(run_id, params=params[start : start + 100])
     for start in range(0, len(tags), 100):
         client.log_batch(run_id, tags=tags[start : start + 100])
-    for start in range(0, len(new), 1000):
-        client.log_batch(run_id, metrics=new[start : start + 1000])
+    for start in range(0, len(new), tracking.MAX_METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=new[start : start + tracking.MAX_METRICS_PER_CALL])
 
     uploaded, missing = 0, []
     for folder, relative in record.artifacts:
