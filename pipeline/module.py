@@ -15,27 +15,17 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from pipeline.distributed import effective_batch_size
 from pipeline.ema import WEIGHTS_KEY
 from pipeline.errors import TrainingDiverged
+from pipeline.metrics import EpochMetrics
 from pipeline.models.factory import head_and_backbone
 from pipeline.recipes import scaled_lr
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
-
-
-def classification_metrics(num_classes: int) -> MetricCollection:
-    metrics: dict[str, Any] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-    }
-    if num_classes >= 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics)
 
 
 class ImageClassifier(L.LightningModule):
@@ -72,12 +62,9 @@ class ImageClassifier(L.LightningModule):
         self.channels_last, self.compile_model = channels_last, compile
         self.aux_weight = aux_weight
         self.backbone_lr_factor = backbone_lr_factor
-        metrics = classification_metrics(num_classes)
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
-        # The mean loss of each split, weighted by batch size; NaN kept (not skipped) so divergence shows.
-        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
+        self.train_metrics, self.val_metrics, self.test_metrics = (
+            EpochMetrics(num_classes, prefix=f"{split}/") for split in ("train", "val", "test")
+        )
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
     def setup(self, stage: str) -> None:
@@ -95,8 +82,7 @@ class ImageClassifier(L.LightningModule):
     def _step(
         self,
         batch: tuple[torch.Tensor, torch.Tensor],
-        stage: str,
-        metrics: MetricCollection,
+        metrics: EpochMetrics,
         criterion: nn.Module | None = None,
         targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,21 +100,16 @@ class ImageClassifier(L.LightningModule):
         else:
             logits = output
             loss = criterion(logits, targets)
-        metrics.update(logits, labels)
-        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(labels))
+        metrics.update(logits, labels, loss)
         return loss, logits
 
-    def _log_epoch(self, stage: str, metrics: MetricCollection) -> None:
+    def _log_epoch(self, metrics: EpochMetrics, prog_bar: bool = True) -> None:
         """Log the epoch's loss and metrics once, at its end. Logging the metric objects at every step, as
         Lightning allows, costs ~7 ms a step (its result collection moves every logged metric to the device on
         each call): a third of a LeNet-5 step on this CPU. torchmetrics has already reduced across processes."""
-        loss = getattr(self, f"{stage}_loss")
-        values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
-        loss.reset()
-        metrics.reset()
         # on_epoch explicitly: logged from on_train_batch_end, the default would be a step value. Equal on every
         # rank, so the mean that sync_dist takes is the same value.
-        self.log_dict(values, on_step=False, on_epoch=True, prog_bar=stage != "test", sync_dist=True)
+        self.log_dict(metrics.compute(), on_step=False, on_epoch=True, prog_bar=prog_bar, sync_dist=True)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -137,7 +118,7 @@ class ImageClassifier(L.LightningModule):
             off = self.mixup_off_epoch is not None and self.current_epoch >= self.mixup_off_epoch
             self.mixup.mixup_enabled = not off  # then it only smooths the one-hot targets, as in timm's train.py
             images, targets = self.mixup(images, labels)  # mixes the batch in place; the labels stay as they were
-        loss, _ = self._step((images, labels), "train", self.train_metrics, self.train_criterion, targets)
+        loss, _ = self._step((images, labels), self.train_metrics, self.train_criterion, targets)
         self._nonfinite_steps += (~torch.isfinite(loss.detach())).int()
         return loss
 
@@ -149,7 +130,7 @@ class ImageClassifier(L.LightningModule):
         # The epoch's training values are logged with its last batch, not in on_train_epoch_end: Lightning calls
         # that hook of callbacks (Ray Tune's report, the sweep's per-epoch report) before the module's.
         if batch_idx + 1 >= self.trainer.num_training_batches:
-            self._log_epoch("train", self.train_metrics)
+            self._log_epoch(self.train_metrics)
 
     def on_train_epoch_end(self) -> None:
         # Counted on the device and read once an epoch: a per-step check would synchronise the GPU.
@@ -164,17 +145,17 @@ class ImageClassifier(L.LightningModule):
             )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_metrics)
+        self._step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_metrics)
+        self._log_epoch(self.val_metrics)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        _, logits = self._step(batch, "test", self.test_metrics)
+        _, logits = self._step(batch, self.test_metrics)
         self.test_confusion.update(logits, batch[1])
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test", self.test_metrics)
+        self._log_epoch(self.test_metrics, prog_bar=False)
 
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()

@@ -1,4 +1,5 @@
-"""The LightningModule's metrics: top-5 accuracy only where there are at least five classes."""
+"""The LightningModule's metrics: top-5 accuracy only where there are at least five classes; updated in chunks,
+with the values of per-batch updates; logged once an epoch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.module import classification_metrics
+from pipeline.metrics import EpochMetrics, classification_metrics
 
 
 def test_top5_only_with_five_or_more_classes() -> None:
@@ -22,6 +23,27 @@ def test_metrics_measure_what_they_say() -> None:
     values = metrics.compute()
     assert values["acc"] == 0.75
     assert values["acc_top5"] == 1.0
+
+
+@pytest.mark.parametrize("chunk_images", [1, 50, 10_000])  # every batch, across batches, only at the end
+def test_chunked_updates_give_the_values_of_per_batch_updates(chunk_images: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(n, 10, generator=generator), torch.randint(0, 10, (n,), generator=generator)) for n in (32, 32, 7)
+    ]
+    losses = [torch.tensor(0.5), torch.tensor(1.5), torch.tensor(4.0)]
+    chunked = EpochMetrics(10, prefix="val/", chunk_images=chunk_images)
+    reference = classification_metrics(10)
+    for (logits, labels), loss in zip(batches, losses, strict=True):
+        chunked.update(logits, labels, loss)
+        reference.update(logits, labels)
+    values = chunked.compute()
+    expected = reference.compute()
+    for name in ("acc", "f1", "acc_top5"):
+        assert values[f"val/{name}"] == pytest.approx(float(expected[name]), abs=1e-6), name
+    assert values["val/loss"] == pytest.approx((32 * 0.5 + 32 * 1.5 + 7 * 4.0) / 71), "the mean over images"
+    chunked.update(*batches[0], torch.tensor(float("nan")))
+    assert torch.isnan(chunked.compute()["val/loss"]), "a new epoch, and a NaN loss shows"
 
 
 def test_each_split_is_logged_once_an_epoch_and_callbacks_see_the_epoch_just_trained(root: Path) -> None:
