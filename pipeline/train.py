@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import adopt_output_folder, user_errors
-from pipeline.config import CONF_DIR
+from pipeline.config import CONF_DIR, validate
 from pipeline.errors import TrainingDiverged
 
 
@@ -36,6 +36,8 @@ def report(result: object) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    with user_errors():
+        validate(cfg)  # before torch and Lightning load (seconds): a value that cannot work answers at once
     from pipeline.run import run  # imported here so --help and config errors answer fast
 
     # DDP ranks are re-launched by Lightning with rank 0's hydra.run.dir, so they agree on the output folder

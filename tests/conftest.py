@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -42,11 +43,30 @@ def run_cli(
     )
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new MLflow sqlite store, made as a first run makes it. A new store runs MLflow's schema migrations, about
+    2 s of CPU: paid here once per test session, then copied (milliseconds) into each test's project folder."""
+    import mlflow
+
+    from pipeline.tracking import make_store_folder
+
+    uri = store_uri(tmp_path_factory.mktemp("store-template"))
+    make_store_folder(uri)
+    mlflow.MlflowClient(uri).search_experiments()  # creates and migrates the database
+    return Path(uri.removeprefix("sqlite:///"))
+
+
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh project folder for the test's runs; MLflow variables of the caller do not leak in."""
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Path:
+    """A project folder for the test's runs, its MLflow store already created (empty) unless the test is marked
+    `fresh_store`; MLflow variables of the caller do not leak in."""
     for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(name)
+    if request.node.get_closest_marker("fresh_store") is None:
+        database = Path(store_uri(tmp_path).removeprefix("sqlite:///"))
+        database.parent.mkdir()
+        shutil.copyfile(request.getfixturevalue("empty_store"), database)
     return tmp_path
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from tests.conftest import run_cli
 from tests.mlflow_server import mlflow_server
 
 
+@pytest.mark.fresh_store
 def test_training_logs_to_a_tracking_server(root: Path) -> None:
     with mlflow_server(f"sqlite:///{root}/server.db", root / "server-artifacts") as url:
         done = run_cli("pipeline.train", f"logger.tracking_uri={url}", "trainer.max_epochs=2", root=root)

@@ -86,6 +86,7 @@ def test_help_lists_groups_and_options(root: Path) -> None:
         assert expected in done.stdout
 
 
+@pytest.mark.fresh_store
 @pytest.mark.parametrize(
     ("override", "message"),
     [

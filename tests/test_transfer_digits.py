@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from tests.conftest import run_cli, store_uri
 
@@ -58,6 +59,7 @@ def test_the_reduced_preset_runs_all_stages_and_mlflow_compares_them(root: Path)
     assert trainable[0] == trainable[-1] == scratch.data.metrics["model/trainable_params"], "every layer trains"
 
 
+@pytest.mark.fresh_store
 def test_a_wrong_number_of_draws_is_refused_before_anything_trains(root: Path) -> None:
     done = run_cli("pipeline.transfer_digits", "--draws", "0", root=root)
     assert done.returncode == 2 and "--draws '0': must be an integer >= 1 (e.g. --draws 3)" in done.stderr
