@@ -7,7 +7,8 @@ Both sides get the same model (built by the same factory from the same seed), th
 augmentation (the config's Albumentations pipeline), the same batch size and the same thread count. An epoch
 is one pass over the training split plus one over the validation split, as in run(cfg); the bare loop keeps
 a running loss and accuracy as a hand-written loop would. The first epoch of each side is warm-up and is not
-counted. The sides alternate (bare, pipeline, bare, …) so a noisy neighbour hits both. `--profile` prints
+counted. The sides alternate (bare, pipeline, bare, …) so a noisy neighbour hits both; the ratio is that of the
+medians over all rounds, and each round's own ratio shows how much the machine drifted. `--profile` prints
 where the pipeline's per-step time goes (Lightning's simple profiler). Results go to stdout as Markdown.
 """
 
@@ -107,7 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, lightning {L.__version__}, {args.threads} threads, {args.epochs} epochs/side")
-    print("\n| case | bare loop (s/epoch) | pipeline (s/epoch) | ratio |\n|---|---:|---:|---:|")
+    print(
+        "\n| case | bare loop (s/epoch) | pipeline (s/epoch) | ratio | ratio per round (min–max) |"
+        "\n|---|---:|---:|---:|---:|"
+    )
     for case in args.case or sorted(CASES):
         common = [
             *CASES[case],
@@ -117,14 +121,17 @@ def main() -> None:
             "logger.log_checkpoint=false",
             "scheduler.warmup_epochs=0",
         ]
-        bare, piped = [], []
+        bare, piped, per_round = [], [], []
         for round_ in range(args.rounds):
-            bare += bare_epochs(common, args.epochs)
-            piped += pipeline_epochs(common, args.epochs, profile=False)
+            bare_round = bare_epochs(common, args.epochs)
+            piped_round = pipeline_epochs(common, args.epochs, profile=False)
+            bare, piped = bare + bare_round, piped + piped_round
+            per_round.append(statistics.median(piped_round) / statistics.median(bare_round))
             if args.verbose:
-                print(f"  round {round_}: bare {bare[-(args.epochs - 1) :]} pipeline {piped[-(args.epochs - 1) :]}")
+                print(f"  round {round_}: bare {bare_round} pipeline {piped_round} ratio {per_round[-1]:.3f}")
         b, p = statistics.median(bare), statistics.median(piped)
-        print(f"| {case} | {b:.3f} | {p:.3f} | {p / b:.2f}× |", flush=True)
+        spread = f"{min(per_round):.2f}–{max(per_round):.2f}"
+        print(f"| {case} | {b:.3f} | {p:.3f} | {p / b:.2f}× | {spread} |", flush=True)
         if args.profile:
             pipeline_epochs(common, args.epochs, profile=True)
 

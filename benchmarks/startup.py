@@ -56,6 +56,7 @@ def main() -> None:
         "python -c 'import lightning'": [],
         "python -c 'import pipeline.run'": [],
         "pipeline.train --help": [],
+        "pipeline.train optim.lr=-1 (the error)": [],
         "first step, new MLflow store": [],
         "first step, existing store": [],
     }
@@ -64,6 +65,11 @@ def main() -> None:
         for module in ("torch", "lightning", "pipeline.run"):
             rows[f"python -c 'import {module}'"].append(timed([python, "-c", f"import {module}"])[0])
         rows["pipeline.train --help"].append(timed([python, "-m", "pipeline.train", "--help"])[0])
+        with tempfile.TemporaryDirectory() as root:  # a value that cannot work: answered before torch loads
+            start = time.perf_counter()
+            subprocess.run([python, "-m", "pipeline.train", "optim.lr=-1", f"paths.root={root}"], cwd=REPO,
+                           capture_output=True)  # fmt: skip
+            rows["pipeline.train optim.lr=-1 (the error)"].append(time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as root:
             # The first run in a folder creates the sqlite store (MLflow runs its schema migrations); later ones
             # open it, as every run after a user's first does.

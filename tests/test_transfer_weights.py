@@ -176,6 +176,7 @@ def test_weights_of_another_architecture_list_the_keys_beyond_the_head(root: Pat
 MISSING_RUN = "0123456789abcdef0123456789abcdef"
 
 
+@pytest.mark.fresh_store  # "here" is a project folder without a store
 @pytest.mark.parametrize(
     ("weights", "store", "message"),
     [
