@@ -34,26 +34,23 @@ class EpochMetrics(nn.Module):
         self.metrics = classification_metrics(num_classes).clone(prefix=prefix)
         self.loss = MeanMetric(nan_strategy="disable")
         self.chunk_images = chunk_images
-        self._logits: list[torch.Tensor] = []
-        self._labels: list[torch.Tensor] = []
-        self._losses: list[torch.Tensor] = []
-        self._kept = 0
+        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (logits, labels, loss per image)
+        self._kept_images = 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        self._logits.append(logits.detach())
-        self._labels.append(labels)
-        self._losses.append(loss.detach().float().reshape(1).expand(len(labels)))  # weighted by the batch's size
-        self._kept += len(labels)
-        if self._kept >= self.chunk_images:
+        # The loss once per image, so the mean over the kept images weighs each batch by its size.
+        self._kept.append((logits.detach(), labels, loss.detach().float().reshape(1).expand(len(labels))))
+        self._kept_images += len(labels)
+        if self._kept_images >= self.chunk_images:
             self._update_kept()
 
     def _update_kept(self) -> None:
-        if not self._kept:
-            return
-        self.metrics.update(torch.cat(self._logits), torch.cat(self._labels))
-        self.loss.update(torch.cat(self._losses))
-        self._logits.clear(), self._labels.clear(), self._losses.clear()
-        self._kept = 0
+        if self._kept:
+            logits, labels, losses = (torch.cat(parts) for parts in zip(*self._kept, strict=True))
+            self.metrics.update(logits, labels)
+            self.loss.update(losses)
+        self._kept.clear()
+        self._kept_images = 0
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The epoch's values (reduced over processes, as torchmetrics does); then starts the next epoch."""
@@ -63,7 +60,7 @@ class EpochMetrics(nn.Module):
         return values
 
     def reset(self) -> None:
-        self._logits.clear(), self._labels.clear(), self._losses.clear()
-        self._kept = 0
+        self._kept.clear()
+        self._kept_images = 0
         self.loss.reset()
         self.metrics.reset()

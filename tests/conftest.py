@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tracking import make_store_folder, sqlite_path
 from tests.mlflow_server import Served, mlflow_server
 from tests.postgres import Database, Unavailable, fresh_database
 
@@ -49,12 +50,10 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     2 s of CPU: paid here once per test session, then copied (milliseconds) into each test's project folder."""
     import mlflow
 
-    from pipeline.tracking import make_store_folder
-
     uri = store_uri(tmp_path_factory.mktemp("store-template"))
     make_store_folder(uri)
     mlflow.MlflowClient(uri).search_experiments()  # creates and migrates the database
-    return Path(uri.removeprefix("sqlite:///"))
+    return sqlite_path(uri)
 
 
 @pytest.fixture
@@ -64,9 +63,8 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtur
     for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(name)
     if request.node.get_closest_marker("fresh_store") is None:
-        database = Path(store_uri(tmp_path).removeprefix("sqlite:///"))
-        database.parent.mkdir()
-        shutil.copyfile(request.getfixturevalue("empty_store"), database)
+        make_store_folder(store_uri(tmp_path))
+        shutil.copyfile(request.getfixturevalue("empty_store"), sqlite_path(store_uri(tmp_path)))
     return tmp_path
 
 
