@@ -41,7 +41,8 @@ class Comparison:
 
 def select_runs(client: Any, cfg: DictConfig) -> list[Any]:
     """The runs named by runs=[…], or the training runs of experiment=<name>."""
-    from pipeline.source import KIND_TAG, get_run
+    from pipeline.tracking.checkpoints import get_run
+    from pipeline.tracking.provenance import KIND_TAG
 
     if cfg.runs:
         ids = [str(run_id) for run_id in cfg.runs]
@@ -181,12 +182,13 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 def compare(cfg: DictConfig) -> Comparison:
     from mlflow.entities import Param
 
-    from pipeline import tracking
-    from pipeline.source import KIND_TAG, client_for
+    from pipeline.tracking import store
+    from pipeline.tracking.provenance import KIND_TAG
+    from pipeline.tracking.runs import recorded_status
 
     uri = str(cfg.logger.tracking_uri)
-    tracking.prepare(uri, cfg.logger.http)
-    client = client_for(uri)
+    store.prepare(uri, cfg.logger.http)
+    client = store.existing_store_client(uri, "logger.tracking_uri", UserInputError)
     runs = select_runs(client, cfg)
     histories = metric_histories(client, runs, [str(metric) for metric in cfg.curves])
     rows = table(runs, cfg, histories)
@@ -201,8 +203,8 @@ def compare(cfg: DictConfig) -> Comparison:
     flops = accuracy_flops_png(rows, str(cfg.accuracy), output_dir / "accuracy_vs_flops.png")
 
     if cfg.logger.experiment_name:
-        artifacts = None if tracking.is_server(uri) else str(cfg.logger.artifact_root)
-        experiment_id = tracking.ensure_experiment(client, str(cfg.logger.experiment_name), artifacts)
+        artifacts = store.artifact_location(uri, cfg.logger.artifact_root)
+        experiment_id = store.ensure_experiment(client, str(cfg.logger.experiment_name), artifacts)
     else:
         experiment_id = runs[0].info.experiment_id
     ids = [run.info.run_id for run in runs]
@@ -215,7 +217,7 @@ def compare(cfg: DictConfig) -> Comparison:
     name = cfg.logger.run_name or f"compare-{len(runs)}-runs-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(experiment_id, run_name=str(name), tags=tags)
     run_id = run.info.run_id
-    with tracking.recorded_status(lambda status: client.set_terminated(run_id, status)):
+    with recorded_status(lambda status: client.set_terminated(run_id, status)):
         params = {"runs": len(runs), "experiment": cfg.experiment_name or "", "curves": ",".join(cfg.curves)}
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
         for folder, path in files.items():
@@ -228,7 +230,7 @@ def show(result: Comparison) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline import tracking
+    from pipeline.tracking.store import ui_command
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
     table_ = Table(title=f"{len(result.rows)} runs (full run ids in the CSV)")
@@ -242,7 +244,7 @@ def show(result: Comparison) -> None:
     for path in result.files.values():
         console.print(f"Wrote {path}")
     console.print(f"Comparison run: {result.run_id}")
-    console.print(f"See the runs: {tracking.ui_command(result.tracking_uri)}")
+    console.print(f"See the runs: {ui_command(result.tracking_uri)}")
 
 
 def _cell(value: Any) -> str:

@@ -12,10 +12,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+
+from pipeline.internals import DeadRanks, WatchedDDPStrategy
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
@@ -42,54 +44,37 @@ def describe_batch(batch_size: int, devices: int, num_nodes: int, accumulate_gra
 RankDeath = Callable[[str], None]  # told what happened, before every process is stopped
 
 
-class _ReportingObserver(_ChildProcessObserver):
-    """Lightning's watch over the launched ranks, which SIGKILLs every process (the first one included) as soon
-    as one rank exits with an error. It runs in the first process: report first, so the run is marked FAILED
+class ReportingDDPStrategy(WatchedDDPStrategy):
+    """Lightning's DDPStrategy (every argument the same) that tells `on_rank_death` when a launched rank dies.
+
+    Lightning then SIGKILLs every process, the first one included: reporting first means the run is marked FAILED
     rather than left RUNNING by a process that never gets to say why it stopped."""
-
-    def __init__(self, main_pid: int, child_processes: list[Any], on_rank_death: RankDeath) -> None:
-        super().__init__(main_pid, child_processes)
-        self.on_rank_death = on_rank_death
-
-    def _terminate_all(self) -> None:
-        dead = [(rank, proc) for rank, proc in enumerate(self._child_processes, start=1) if proc.returncode]
-        what = ", ".join(f"rank {rank} (PID {proc.pid}) exited with code {proc.returncode}" for rank, proc in dead)
-        message = f"a data-parallel process died: {what}. Every process of the run is stopped."
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        try:
-            self.on_rank_death(message)
-        finally:
-            super()._terminate_all()
-
-
-class _ReportingLauncher(_SubprocessScriptLauncher):
-    def __init__(self, *args: Any, on_rank_death: RankDeath, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_rank_death = on_rank_death
-
-    def launch(self, function: Callable[..., Any], *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        # Lightning's launch, with the reporting observer in place of its own.
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            _ReportingObserver(os.getpid(), self.procs, self.on_rank_death).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
-
-
-class ReportingDDPStrategy(DDPStrategy):
-    """Lightning's DDPStrategy (every argument the same) that tells `on_rank_death` when a launched rank dies."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_rank_death: RankDeath = lambda message: None
 
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        if isinstance(self._launcher, _SubprocessScriptLauncher):
-            self._launcher = _ReportingLauncher(
-                self.cluster_environment, self.num_processes, self.num_nodes, on_rank_death=self._report
-            )
-
-    def _report(self, message: str) -> None:
+    def before_ranks_killed(self, dead: DeadRanks) -> None:
+        what = ", ".join(f"rank {rank} (PID {proc.pid}) exited with code {proc.returncode}" for rank, proc in dead)
+        message = f"a data-parallel process died: {what}. Every process of the run is stopped."
+        print(f"error: {message}", file=sys.stderr, flush=True)
         self.on_rank_death(message)
+
+
+def end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def single_process_tester(
+    trainer: L.Trainer, trainer_arguments: dict[str, Any], progress: Callback | None, logger: Logger
+) -> L.Trainer:
+    """The Trainer that tests: the training one, or after data-parallel training a one-device Trainer in the first
+    process, so every test image is counted exactly once (a distributed sampler pads the split with repeats).
+    `trainer_arguments`: those the training Trainer was made with (conf/trainer)."""
+    if trainer.world_size == 1:
+        return trainer
+    end_process_group()
+    arguments = {**trainer_arguments, "devices": 1, "num_nodes": 1, "strategy": "auto", "plugins": None}
+    bars = [progress] if progress is not None else []
+    return L.Trainer(**arguments, logger=logger, callbacks=bars, enable_progress_bar=progress is not None)

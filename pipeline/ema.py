@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 WEIGHTS_KEY = "weights"  # in every checkpoint of ours: "ema" or "live", which weights its state_dict holds
 
@@ -34,23 +35,23 @@ def ema_decay(decay: float, num_averaged: int, warmup: bool) -> float:
 def _ema_update(
     averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor, decay: float, warmup: bool
 ) -> None:
-    """AveragedModel's multi-tensor update (torch's get_ema_multi_avg_fn) with the decay of this step."""
-    factor = ema_decay(decay, int(num_averaged), warmup)
-    if torch.is_floating_point(averaged[0]):
-        torch._foreach_lerp_(averaged, current, 1 - factor)
-    else:  # integer buffers (BatchNorm's num_batches_tracked)
-        for average, value in zip(averaged, current, strict=True):
-            average.copy_(average * factor + value * (1 - factor))
+    """AveragedModel's multi-tensor EMA update (torch's get_ema_multi_avg_fn) with the decay of this step."""
+    get_ema_multi_avg_fn(ema_decay(decay, int(num_averaged), warmup))(averaged, current, num_averaged)
 
 
 class ModelEma(WeightAveraging):
     def __init__(self, decay: float = 0.9998, warmup: bool = True) -> None:
         super().__init__(multi_avg_fn=partial(_ema_update, decay=decay, warmup=warmup))
+        self.averaging = False  # WeightAveraging makes its average in fit's set-up; from then on it swaps it in
         self.swapped = False  # during validation the model holds the average and the average the live weights
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.averaging = self.averaging or stage == "fit"
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
-        self.swapped = self._average_model is not None
+        self.swapped = self.averaging
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_epoch_end(trainer, pl_module)

@@ -25,7 +25,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.cli import adopt_output_folder, user_errors
+from pipeline.cli import command, metrics_table, progress_bar
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -63,15 +63,24 @@ def evaluation_data(cfg: DictConfig, source: Any) -> DictConfig:
 
 def per_class_report(matrix: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
     """Precision, recall, F1 and support of each class from a confusion matrix (rows true, columns predicted)."""
-    hits = np.diag(matrix).astype(float)
-    support, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
-    rows = []
-    for index, name in enumerate(classes):
-        precision = hits[index] / predicted[index] if predicted[index] else 0.0
-        recall = hits[index] / support[index] if support[index] else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": int(support[index])})
-    return rows
+    from sklearn.metrics import precision_recall_fscore_support
+
+    scores = np.zeros((4, len(classes)))  # nothing counted: every score 0 (sklearn refuses all-zero weights)
+    if matrix.any():
+        true, predicted = np.indices(matrix.shape).reshape(2, -1)  # one sample per cell, weighted by its count
+        scores = precision_recall_fscore_support(
+            true, predicted, labels=range(len(classes)), sample_weight=matrix.ravel(), zero_division=0
+        )
+    return [
+        {
+            "class": name,
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": int(support),
+        }
+        for name, precision, recall, f1, support in zip(classes, *scores, strict=True)
+    ]
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -87,32 +96,53 @@ def _no_training(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("an evaluation does not train")
 
 
+def open_evaluation_run(cfg: DictConfig, source: Any, data_name: str, split: str, output_dir: Path) -> Any:
+    """The evaluation's own MLflow run, in the source run's experiment unless logger.experiment_name says otherwise,
+    tagged with what it evaluated (kind=evaluation, source_run_id)."""
+    from pipeline.source import client_for
+    from pipeline.tracking.provenance import KIND_TAG, SOURCE_TAG, run_tags
+    from pipeline.tracking.runs import open_run
+
+    uri = str(cfg.logger.tracking_uri)
+    model_name = str(source.config.model.name)
+    experiment = cfg.logger.experiment_name
+    if experiment is None and source.experiment_id is not None:
+        experiment = client_for(uri).get_experiment(source.experiment_id).name
+    run_name = cfg.logger.run_name or f"eval-{model_name}-{data_name}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {KIND_TAG: KIND, "evaluation.split": split, "source": source.text, "checkpoint": source.checkpoint}
+    if source.run_id:
+        tags[SOURCE_TAG] = source.run_id
+    if source.model_version:
+        tags["registered_model"] = source.model_version
+    tags = run_tags(output_dir, {"model": model_name, "dataset": data_name, **tags}, extra=cfg.logger.tags)
+    return open_run(uri, str(experiment or data_name), run_name, output_dir, tags, cfg.logger.artifact_root)
+
+
 def evaluate(cfg: DictConfig) -> Evaluation:
     """Check everything a user can get wrong, then test and log the evaluation run."""
     import lightning as L
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
     from torch.utils.data import DataLoader
 
-    from pipeline import tracking
     from pipeline.data.datamodule import TransformedImages
-    from pipeline.data.sources import load_splits
+    from pipeline.data.sources import load_data
     from pipeline.data.transforms import eval_transform
     from pipeline.module import ImageClassifier
     from pipeline.plots import confusion_matrix_png
-    from pipeline.source import KIND_TAG, SOURCE_TAG, build_model, client_for, input_spec, load_source
+    from pipeline.source import build_model, input_spec, load_source
+    from pipeline.tracking.logger import flatten
+    from pipeline.tracking.runs import log_files, recorded_status
+    from pipeline.tracking.store import prepare
 
     split = str(cfg.split)
     if split not in SPLITS:
         raise UserInputError(f"split={split}: must be one of {', '.join(SPLITS)} (e.g. split=test).")
     uri = str(cfg.logger.tracking_uri)
-    tracking.prepare(uri, cfg.logger.http)
+    prepare(uri, cfg.logger.http)
     source = load_source(str(cfg.source), uri, fallback=cfg)
     model = build_model(source)
     spec = input_spec(source, model)
     data = evaluation_data(cfg, source)
-    splits = load_splits(data.source).subset(
-        data.get("classes"), data.get("train_per_class"), seed=data.source.get("split_seed", 0)
-    )
+    splits = load_data(data)
     if splits.num_classes != len(source.classes):
         raise UserInputError(
             f"data={data.name} has {splits.num_classes} classes but the model of source={source.text} was trained on "
@@ -138,50 +168,21 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     model_name = str(source.config.model.name)
-    experiment = cfg.logger.experiment_name
-    if experiment is None and source.experiment_id is not None:
-        experiment = client_for(uri).get_experiment(source.experiment_id).name
-    run_name = cfg.logger.run_name or f"eval-{model_name}-{data.name}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_cfg = OmegaConf.create(
-        {
-            "logger": {
-                "tracking_uri": uri,
-                "experiment_name": str(experiment or data.name),
-                "run_name": run_name,
-                "artifact_root": str(cfg.logger.artifact_root),
-                "run_id": None,
-                "parent_run_id": None,
-                "tags": OmegaConf.to_container(cfg.logger.tags),
-            },
-            "paths": {"output_dir": str(output_dir)},
-            "model": {"name": model_name},
-            "data": {"name": str(data.name)},
-            "aug": {"name": "none"},
-        }
-    )
-    tags = {k: v for k, v in tracking.run_tags(run_cfg).items() if k != "aug"}
-    tags.update({KIND_TAG: KIND, "evaluation.split": split, "source": source.text, "checkpoint": source.checkpoint})
-    if source.run_id:
-        tags[SOURCE_TAG] = source.run_id
-    if source.model_version:
-        tags["registered_model"] = source.model_version
-    tags.update({str(k): str(v) for k, v in (cfg.logger.tags or {}).items()})
-
+    logger = open_evaluation_run(cfg, source, str(data.name), split, output_dir)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = trainer_args.get("precision") or source.config.get("trainer", {}).get(
         "precision", "32-true"
     )
-    progress = {"rich": RichProgressBar, "tqdm": TQDMProgressBar}.get(cfg.progress)
+    progress = progress_bar(cfg.progress)
     evaluated = {
         **OmegaConf.to_container(source.config, resolve=True),
         "data": OmegaConf.to_container(data, resolve=True),
         "evaluation": {"source": source.text, "checkpoint": source.checkpoint, "split": split},
     }
 
-    logger = tracking.open_run(run_cfg, tags)
-    with tracking.recorded_status(logger.end):
+    with recorded_status(logger.end):
         logger.log_hyperparams(
-            tracking.flatten(
+            flatten(
                 {
                     "source": source.text,
                     "split": split,
@@ -195,7 +196,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         trainer = L.Trainer(
             **trainer_args,
             logger=False,
-            callbacks=[progress()] if progress else [],
+            callbacks=[progress] if progress is not None else [],
             enable_checkpointing=False,
             enable_progress_bar=progress is not None,
             default_root_dir=output_dir,
@@ -215,7 +216,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
                 title=f"{model_name} on {data.name} ({split})",
             ),
         }
-        tracking.log_files(logger, files)
+        log_files(logger, files)
     return Evaluation(metrics, report, logger.run_id, source.run_id, uri, files, logger.unsynced)
 
 
@@ -223,15 +224,10 @@ def report(result: Evaluation) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline import tracking
+    from pipeline.tracking.store import ui_command
 
     console = Console(soft_wrap=True)
-    table = Table(title="Evaluation")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in sorted(result.metrics.items()):
-        table.add_row(name, f"{value:.4f}")
-    console.print(table)
+    console.print(metrics_table("Evaluation", result.metrics))
     classes = Table(title="Per class")
     for column in ("class", "precision", "recall", "f1", "support"):
         classes.add_column(column, justify="left" if column == "class" else "right")
@@ -247,16 +243,12 @@ def report(result: Evaluation) -> None:
     console.print(f"Evaluation run: {result.run_id} (source run: {result.source_run_id or 'unknown'})")
     for path in result.files.values():
         console.print(f"Wrote {path}")
-    console.print(f"See the runs: {tracking.ui_command(result.tracking_uri)}")
+    console.print(f"See the runs: {ui_command(result.tracking_uri)}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    adopt_output_folder(cfg)
-    with user_errors():
+    with command(cfg):
         result = evaluate(cfg)
     report(result)
     if result.unsynced:

@@ -60,6 +60,7 @@ class ImageClassifier(L.LightningModule):
         self.train_criterion = SoftTargetCrossEntropy() if mixup is not None else self.criterion
         self.lr_base, self.lr_scale = lr_base, lr_scale
         self.channels_last, self.compile_model = channels_last, compile
+        self.compiled = False  # setup runs for fit and again for test: compile once
         self.aux_weight = aux_weight
         self.backbone_lr_factor = backbone_lr_factor
         self.train_metrics, self.val_metrics, self.test_metrics = (
@@ -71,8 +72,9 @@ class ImageClassifier(L.LightningModule):
         # After the callbacks' set-up: the EMA callback has copied the model by now (a compiled one would not copy).
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.compile_model and getattr(self.model, "_compiled_call_impl", None) is None:
+        if self.compile_model and not self.compiled:
             self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
+            self.compiled = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

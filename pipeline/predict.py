@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import adopt_output_folder, user_errors
+from pipeline.cli import command
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -75,13 +75,13 @@ def predict(cfg: DictConfig) -> tuple[list[Prediction], Path]:
 
     import torch
 
-    from pipeline import tracking
     from pipeline.data.decode import decode_image
     from pipeline.data.transforms import eval_transform
     from pipeline.source import build_model, input_spec, load_source
+    from pipeline.tracking.store import prepare
 
     uri = str(cfg.logger.tracking_uri)
-    tracking.prepare(uri, cfg.logger.http)
+    prepare(uri, cfg.logger.http)
     source = load_source(str(cfg.source), uri, fallback=cfg)
     device = _device(str(cfg.device))
     model = build_model(source).to(device)
@@ -162,11 +162,7 @@ def show(rows: Sequence[Prediction], path: Path) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    adopt_output_folder(cfg)
-    with user_errors():
+    with command(cfg):
         rows, path = predict(cfg)
     show(rows, path)
 

@@ -21,7 +21,8 @@ def register(source: str, name: str, tracking_uri: str, description: str | None 
     """Create the registered model if new, and a version of it pointing at the run's checkpoint."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.source import RUN_ID, RUNS_PREFIX, checkpoint_artifact, client_for, get_run
+    from pipeline.source import SourceError, client_for
+    from pipeline.tracking.checkpoints import RUN_ID, RUNS_PREFIX, checkpoint_artifact, get_run
 
     if not name or name == "None" or "/" in name or "@" in name:
         raise UserInputError(f"name={name}: give the model a name without '/' or '@' (e.g. name=digits-lenet).")
@@ -31,9 +32,10 @@ def register(source: str, name: str, tracking_uri: str, description: str | None 
             f"source={source}: register takes a training run (its 32-character id, or runs:/<id>), whose logged "
             "checkpoint becomes the version."
         )
-    client = client_for(tracking_uri)
-    run = get_run(client, run_id, f"source={source}")
-    path = checkpoint_artifact(client, run, f"source={source}", artifact or None)
+    what = f"source={source}"
+    client = client_for(tracking_uri, what)
+    run = get_run(client, run_id, what, SourceError)
+    path = checkpoint_artifact(client, run, what, artifact or None, SourceError)
     try:
         client.create_registered_model(name)
     except MlflowException as error:
@@ -48,10 +50,10 @@ def register(source: str, name: str, tracking_uri: str, description: str | None 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="register", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline import tracking
+    from pipeline.tracking.store import prepare
 
     with user_errors():
-        tracking.prepare(str(cfg.logger.tracking_uri), cfg.logger.http)
+        prepare(str(cfg.logger.tracking_uri), cfg.logger.http)
         version = register(str(cfg.source), str(cfg.name), str(cfg.logger.tracking_uri), cfg.description)
     print(f"Registered models:/{version.name}/{version.version} ({version.source})")
     print(f"Evaluate it: python -m pipeline.evaluate source=models:/{version.name}/{version.version}")

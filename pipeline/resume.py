@@ -19,8 +19,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline import internals
 from pipeline.errors import UserInputError
-from pipeline.tracking import RECORD_FOLDER, RunRecord
+from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 
 CHECKPOINTS = ("last.ckpt", "interrupted.ckpt")  # written every epoch; written when a run is stopped
 
@@ -63,7 +64,7 @@ class RandomStateCheckpoint(Callback):
         # Lightning made the first epoch's loader iterator while setting up, before this restore, and reuses it
         # when resuming; an uninterrupted run makes each epoch's iterator at the epoch's start, drawing its
         # shuffle and worker seeds from the generator restored above. Make it again, so the draws are the same.
-        iter(trainer.fit_loop._data_fetcher)
+        internals.remake_train_iterator(trainer)
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:

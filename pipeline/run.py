@@ -5,45 +5,45 @@ config → data → model → LightningModule → tracked Trainer.fit → test w
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import timm
-import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import (
-    Callback,
-    EarlyStopping,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    RichProgressBar,
-    TQDMProgressBar,
-)
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline import resume, tracking
+from pipeline import internals, resume
+from pipeline.cli import progress_bar
 from pipeline.config import validate
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.images import ImageSplits
 from pipeline.data.preview import save_augmentation_grid
-from pipeline.data.sources import load_splits
+from pipeline.data.sources import load_data
 from pipeline.data.transforms import InputSpec, eval_transform, train_transform
-from pipeline.distributed import ReportingDDPStrategy, describe_batch, is_first_process
+from pipeline.distributed import (
+    ReportingDDPStrategy,
+    describe_batch,
+    end_process_group,
+    is_first_process,
+    single_process_tester,
+)
 from pipeline.ema import ModelEma
 from pipeline.finetune import BackboneFreeze
 from pipeline.models.factory import ModelError, create_model
 from pipeline.models.stats import count_flops, count_parameters
+from pipeline.models.weights import WeightsError
 from pipeline.module import ImageClassifier
 from pipeline.plots import confusion_matrix_png
 from pipeline.recipes import build_mixup, mixup_enabled, optimizer_factory
 from pipeline.resume import RandomStateCheckpoint
+from pipeline.tracking.checkpoints import local_weights
+from pipeline.tracking.logger import RecordedMLFlowLogger
+from pipeline.tracking.runs import log_files, log_inputs, open_training_run, recorded_status
+from pipeline.tracking.store import prepare
 
 
 class CheckpointOnException(Callback):
@@ -58,7 +58,7 @@ class CheckpointOnException(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # trainer.save_checkpoint would wait at a barrier for every rank: under DDP one may be dead.
-        trainer.strategy.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), self.path)
+        trainer.strategy.save_checkpoint(internals.dump_checkpoint(trainer), self.path)
 
 
 PREVIEW_SAMPLES, PREVIEW_VIEWS = 6, 8  # the augmentation grid every run logs
@@ -102,27 +102,10 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True)
         )
     if cfg.get("ema") and cfg.ema.enabled:  # validate, test and checkpoint an average of the weights
         callbacks.append(ModelEma(decay=cfg.ema.decay, warmup=cfg.ema.warmup))
-    progress = {"rich": RichProgressBar, "tqdm": TQDMProgressBar}.get(cfg.progress)
+    progress = progress_bar(cfg.progress)
     if progress is not None:
-        callbacks.append(progress())
+        callbacks.append(progress)
     return callbacks
-
-
-@contextmanager
-def sigterm_as_exception() -> Iterator[None]:
-    """SIGTERM raises inside the run (like Ctrl-C) so the run is recorded as KILLED, not left RUNNING."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread (e.g. not inside a Ray trial thread)
-        return
-
-    def raise_terminated(signum: int, frame: object) -> None:
-        raise SIGTERMException(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def build_data(cfg: DictConfig, splits: ImageSplits, spec: InputSpec) -> ImageDataModule:
@@ -152,19 +135,19 @@ class Inputs:
 def build_inputs(cfg: DictConfig) -> Inputs:
     """Load the data and build the model (with its pretrained weights); the model's pretrained config sets the
     input spec."""
-    splits = load_splits(cfg.data.source).subset(
-        cfg.data.get("classes"), cfg.data.get("train_per_class"), seed=cfg.data.source.get("split_seed", 0)
-    )
-    model = create_model(
-        cfg.model.name,
-        num_classes=splits.num_classes,
-        in_chans=splits.channels,
-        pretrained=cfg.model.pretrained,
-        weights=cfg.model.weights,
-        tracking_uri=str(cfg.logger.tracking_uri),
-        reset_head=cfg.model.reset_head,
-        kwargs=cfg.model.kwargs,
-    )
+    splits = load_data(cfg.data)
+    weights = cfg.model.weights if cfg.model.pretrained else None
+    with local_weights(weights, str(cfg.logger.tracking_uri), f"model.weights={weights}", WeightsError) as file:
+        model = create_model(
+            cfg.model.name,
+            num_classes=splits.num_classes,
+            in_chans=splits.channels,
+            pretrained=cfg.model.pretrained,
+            weights=cfg.model.weights,
+            weights_file=file,
+            reset_head=cfg.model.reset_head,
+            kwargs=cfg.model.kwargs,
+        )
     model_config = timm.data.resolve_model_data_config(model)
     spec = InputSpec.resolve(model_config, cfg.data.image_size, cfg.data.mean, cfg.data.std, splits.channels)
     try:  # one image through the model now, so a size it cannot take fails here, not inside the Trainer
@@ -179,7 +162,7 @@ def build_inputs(cfg: DictConfig) -> Inputs:
 
 
 def build_trainer(
-    cfg: DictConfig, output_dir: Path, logger: tracking.RecordedMLFlowLogger | None, callbacks: Sequence[Callback]
+    cfg: DictConfig, output_dir: Path, logger: RecordedMLFlowLogger | None, callbacks: Sequence[Callback]
 ) -> L.Trainer:
     arguments = instantiate(cfg.trainer, _convert_="all")  # a strategy given by _target_ becomes its object
     trainer = L.Trainer(
@@ -194,31 +177,9 @@ def build_trainer(
     return trainer
 
 
-def fail_run(logger: tracking.RecordedMLFlowLogger, message: str) -> None:
+def fail_run(logger: RecordedMLFlowLogger, message: str) -> None:
     logger.set_tag("failure", message)
     logger.end("FAILED")
-
-
-def single_process_tester(cfg: DictConfig, trainer: L.Trainer, logger: tracking.RecordedMLFlowLogger) -> L.Trainer:
-    """The Trainer that tests: the training one, or after data-parallel training a one-device Trainer in the first
-    process, so every test image is counted exactly once (a distributed sampler pads the split with repeats)."""
-    if trainer.world_size == 1:
-        return trainer
-    end_process_group()
-    arguments = {
-        **instantiate(cfg.trainer, _convert_="all"),
-        "devices": 1,
-        "num_nodes": 1,
-        "strategy": "auto",
-        "plugins": None,
-    }
-    progress = [c for c in trainer.callbacks if isinstance(c, RichProgressBar | TQDMProgressBar)]
-    return L.Trainer(**arguments, logger=logger, callbacks=progress, enable_progress_bar=cfg.progress != "none")
-
-
-def end_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def follow(
@@ -238,7 +199,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     cfg = resume.resolve(cfg)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
     lead = is_first_process()
     if lead:
-        tracking.prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
+        prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
@@ -277,10 +238,10 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         title=f"aug={cfg.aug.name}: training images of {cfg.data.name}",
     )
 
-    logger = tracking.open_run(cfg, tracking.run_tags(cfg))
-    with sigterm_as_exception(), tracking.recorded_status(logger.end):
-        tracking.log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
-        tracking.log_files(logger, {"figures": preview})
+    logger = open_training_run(cfg)
+    with recorded_status(logger.end):
+        log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
+        log_files(logger, {"figures": preview})
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
         print(
             describe_batch(
@@ -290,7 +251,9 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path or None
-        tester = single_process_tester(cfg, trainer, logger)
+        tester = single_process_tester(
+            trainer, instantiate(cfg.trainer, _convert_="all"), progress_bar(cfg.progress), logger
+        )
         test_metrics = tester.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
         confusion_counts = module.test_confusion.compute().cpu().numpy()
         test_metrics["test/samples"] = float(confusion_counts.sum())  # every test image once, whatever the ranks
@@ -301,13 +264,13 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
             output_dir / "confusion_matrix.png",
             title=f"{cfg.model.name} on {cfg.data.name} (test)",
         )
-        tracking.log_files(logger, {"figures": confusion})
+        log_files(logger, {"figures": confusion})
         if best and cfg.logger.log_checkpoint:
-            tracking.log_files(logger, {"checkpoints": Path(best)})
+            log_files(logger, {"checkpoints": Path(best)})
         logger.set_tag("checkpoint.weights", "ema" if OmegaConf.select(cfg, "ema.enabled") else "live")
         profiles = getattr(trainer.profiler, "dirpath", None)  # debug=profile: the profiler's reports
         for report in sorted(Path(profiles).glob("*.txt")) if profiles else ():
-            tracking.log_files(logger, {"profile": report})
+            log_files(logger, {"profile": report})
 
     best_score = trainer.checkpoint_callback.best_model_score
     metrics = {name: float(value) for name, value in test_metrics.items()}

@@ -19,8 +19,6 @@ tensors only (torch.load(weights_only=True)); the input size and normalization a
 
 from __future__ import annotations
 
-import json
-import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,12 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline.errors import UserInputError
+from pipeline.tracking import checkpoints
+from pipeline.tracking.checkpoints import RUNS_PREFIX
+from pipeline.tracking.store import existing_store_client
 
-RUNS_PREFIX, MODELS_PREFIX = "runs:/", "models:/"
-CHECKPOINT_FOLDER = "checkpoints"  # where run(cfg) uploads the best checkpoint
-RUN_ID = re.compile(r"[0-9a-f]{32}")
-KIND_TAG = "kind"  # what a run of ours is, when it is not a training: evaluation | comparison
-SOURCE_TAG = "source_run_id"  # the training run an evaluation evaluated
+MODELS_PREFIX = "models:/"
 
 
 class SourceError(UserInputError):
@@ -60,53 +57,9 @@ class Source:
     model_version: str | None = None  # <name>/<version> when it came from the model registry
 
 
-def client_for(uri: str) -> Any:
-    """An MlflowClient on `uri`; a local store that does not exist is an error (MLflow would create an empty one)."""
-    from mlflow import MlflowClient
-
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise SourceError(
-            f"There is no MLflow store at {uri}. Point logger.tracking_uri at the store that holds the runs "
-            "(the training's `paths.root`/mlruns/mlflow.db, or a tracking server), or run from the training's folder."
-        )
-    return MlflowClient(uri)
-
-
-def get_run(client: Any, run_id: str, what: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException as error:
-        raise SourceError(
-            f"{what}: no run {run_id!r} in {client.tracking_uri} ({str(error).splitlines()[0]}). Copy the run id from "
-            "the training's output ('MLflow run: …') or the MLflow UI, and point logger.tracking_uri at the store "
-            "that holds it."
-        ) from error
-
-
-def checkpoint_artifact(client: Any, run: Any, what: str, artifact: str | None = None) -> str:
-    """The artifact path of the run's single checkpoint (under `checkpoints/`, or `artifact`)."""
-    run_id = run.info.run_id
-    folder = artifact or CHECKPOINT_FOLDER
-    found = [item.path for item in client.list_artifacts(run_id, folder) if item.path.endswith(".ckpt")]
-    if artifact and artifact.endswith(".ckpt") and not found:
-        parent = artifact.rpartition("/")[0]
-        found = [item.path for item in client.list_artifacts(run_id, parent or None) if item.path == artifact]
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise SourceError(
-            f"{what}: run {run_id} has {len(found)} checkpoints under {folder!r} ({', '.join(found)}): name one with "
-            f"source=runs:/{run_id}/<file>.ckpt."
-        )
-    evaluated = run.data.tags.get(SOURCE_TAG)
-    hint = f" It is a {run.data.tags[KIND_TAG]} run; its training run is {evaluated}." if evaluated else ""
-    raise SourceError(
-        f"{what}: run {run_id} has no checkpoint artifact under {folder!r}.{hint} A training logs its best checkpoint "
-        "there with logger.log_checkpoint=true (the default): train again with it, or give the checkpoint file "
-        "itself (source=<output folder>/checkpoints/best-….ckpt)."
-    )
+def client_for(uri: str, what: str = "logger.tracking_uri") -> Any:
+    """An MlflowClient on a store that exists (MLflow would create an empty one and find nothing in it)."""
+    return existing_store_client(uri, what, SourceError)
 
 
 def load_source(text: str, tracking_uri: str, fallback: DictConfig | None = None) -> Source:
@@ -120,9 +73,9 @@ def load_source(text: str, tracking_uri: str, fallback: DictConfig | None = None
         )
     if text.startswith(MODELS_PREFIX):
         return _from_registry(text, tracking_uri)
-    if text.startswith(RUNS_PREFIX):
-        run_id, _, artifact = text[len(RUNS_PREFIX) :].strip("/").partition("/")
-        return _from_run(text, tracking_uri, run_id, artifact or None)
+    if checkpoints.is_run_uri(text):
+        run_id, artifact = checkpoints.parse_run_uri(text)
+        return _from_run(text, tracking_uri, run_id, artifact)
     path = Path(text).expanduser()
     if path.is_file():
         return _from_file(text, path, fallback)
@@ -130,7 +83,7 @@ def load_source(text: str, tracking_uri: str, fallback: DictConfig | None = None
         inside = sorted(path.rglob("*.ckpt"))
         example = f" (e.g. source={inside[0]})" if inside else ""
         raise SourceError(f"source={text} is a folder: give the checkpoint file in it{example}, or a run id.")
-    if RUN_ID.fullmatch(text):
+    if checkpoints.RUN_ID.fullmatch(text):
         return _from_run(text, tracking_uri, text, None)
     raise SourceError(
         f"source={text}: no such file, and not a run id (32 hexadecimal characters). Give a checkpoint file (.ckpt), "
@@ -139,55 +92,22 @@ def load_source(text: str, tracking_uri: str, fallback: DictConfig | None = None
 
 
 def _from_run(text: str, uri: str, run_id: str, artifact: str | None, version: str | None = None) -> Source:
-    import mlflow
-
-    client = client_for(uri)
-    run = get_run(client, run_id, f"source={text}")
-    path = checkpoint_artifact(client, run, f"source={text}", artifact)
+    what = f"source={text}"
+    client = client_for(uri, what)
+    run = checkpoints.get_run(client, run_id, what, SourceError)
     with tempfile.TemporaryDirectory(prefix="source-") as folder:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
-                                                         tracking_uri=uri))  # fmt: skip
+        local, path = checkpoints.download_checkpoint(client, run, artifact, Path(folder), what, SourceError)
         state = _read_weights(local, text)
-        config, classes = _run_config(client, run, text, Path(folder))
-    return _source(text, config, state, classes, f"runs:/{run_id}/{path}", run_id, run.info.experiment_id, version)
-
-
-def _run_config(client: Any, run: Any, text: str, folder: Path) -> tuple[DictConfig, list[str] | None]:
-    import mlflow
-
-    run_id = run.info.run_id
-    names = {item.path for item in client.list_artifacts(run_id)} | {
-        item.path for item in client.list_artifacts(run_id, "data")
-    }
-    if "config.yaml" not in names:
-        raise SourceError(
-            f"source={text}: run {run_id} has no config.yaml artifact, so its model cannot be rebuilt: it is not a "
-            "training run of this pipeline. Give a training run's id, or a .ckpt file together with model=<option>."
-        )
-    uri = client.tracking_uri
-
-    def fetch(path: str) -> Path:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder),
-                                                        tracking_uri=uri))  # fmt: skip
-
-    config = OmegaConf.load(fetch("config.yaml"))
-    counts = fetch("data/class_counts.json") if "data/class_counts.json" in names else None
-    return config, _classes(counts)
-
-
-def _classes(counts: Path | None) -> list[str] | None:
-    """Class names in label order: the keys of the training split in data/class_counts.json."""
-    if counts is None or not counts.is_file():
-        return None
-    splits = json.loads(counts.read_text())
-    first = splits.get("train") or next(iter(splits.values()), {})
-    return [str(name) for name in first] or None
+        config, classes = checkpoints.download_run_config(client, run, Path(folder), what, SourceError)
+    return _source(
+        text, config, state, classes, f"{RUNS_PREFIX}{run_id}/{path}", run_id, run.info.experiment_id, version
+    )
 
 
 def _from_registry(text: str, uri: str) -> Source:
     from mlflow.exceptions import MlflowException
 
-    client = client_for(uri)
+    client = client_for(uri, f"source={text}")
     reference = text[len(MODELS_PREFIX) :].strip("/")
     fix = (
         "See the registered models and their versions in the MLflow UI (Models), or register a training run with "
@@ -249,7 +169,11 @@ def _beside(path: Path) -> tuple[str | None, DictConfig | None, list[str] | None
         records = sorted(folder.glob("mlflow/*/files/config.yaml"), key=lambda p: p.stat().st_mtime)
         if records:
             files = records[-1].parent
-            return files.parent.name, OmegaConf.load(records[-1]), _classes(files / "data" / "class_counts.json")
+            return (
+                files.parent.name,
+                OmegaConf.load(records[-1]),
+                checkpoints.class_names(files / "data" / "class_counts.json"),
+            )
         hydra = folder / ".hydra" / "config.yaml"
         if hydra.is_file():
             loaded = OmegaConf.load(hydra)
@@ -264,11 +188,11 @@ def _beside(path: Path) -> tuple[str | None, DictConfig | None, list[str] | None
 def _read_weights(path: Path, text: str) -> dict[str, torch.Tensor]:
     from pipeline.models.weights import read_state_dict
 
-    checkpoints = [path] if path.is_file() else sorted(path.rglob("*.ckpt"))
-    if len(checkpoints) != 1:
-        raise SourceError(f"source={text}: expected one checkpoint, found {len(checkpoints)} in {path}.")
+    found = [path] if path.is_file() else sorted(path.rglob("*.ckpt"))
+    if len(found) != 1:
+        raise SourceError(f"source={text}: expected one checkpoint, found {len(found)} in {path}.")
     try:
-        return read_state_dict(checkpoints[0], f"source={text}")
+        return read_state_dict(found[0], f"source={text}")
     except UserInputError as error:
         raise SourceError(str(error).replace("model.weights=", "", 1)) from error
 

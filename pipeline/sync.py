@@ -1,6 +1,6 @@
 """python -m pipeline.sync FOLDER [--tracking-uri URI]: upload runs kept on local disk to MLflow.
 
-Every run keeps what it logs in `<output folder>/mlflow/<run id>/` as well as sending it (tracking.RunRecord).
+Every run keeps what it logs in `<output folder>/mlflow/<run id>/` as well as sending it (pipeline.tracking.record).
 When the tracking server failed for good during a run, the run went on and ended with this command. It uploads
 the params, tags, every metric point (its step and time included) and the artifacts into the original run when
 the server has it, else into a new run of the same experiment, and sets the run's final status. What the server
@@ -18,8 +18,16 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
-from pipeline import tracking
 from pipeline.errors import UserInputError
+from pipeline.tracking.logger import SENT_ERRORS
+from pipeline.tracking.record import (
+    MAX_METRICS_PER_CALL,
+    MAX_PARAMS_PER_CALL,
+    RECORD_FOLDER,
+    RunRecord,
+    chunks,
+)
+from pipeline.tracking.store import check_store, ensure_experiment, sqlite_path
 
 RUN_NAME_TAG = "mlflow.runName"
 
@@ -27,7 +35,7 @@ RUN_NAME_TAG = "mlflow.runName"
 def find_records(folder: Path) -> list[Path]:
     """The run records under `folder` (itself one, or any folder above them)."""
     found = folder.rglob("run.json") if folder.is_dir() else ()
-    return sorted(path.parent for path in found if path.parent.parent.name == tracking.RECORD_FOLDER)
+    return sorted(path.parent for path in found if path.parent.parent.name == RECORD_FOLDER)
 
 
 def _existing_run(client: MlflowClient, run_id: str) -> Run | None:
@@ -39,14 +47,14 @@ def _existing_run(client: MlflowClient, run_id: str) -> Run | None:
         raise
 
 
-def sync(record: tracking.RunRecord, uri: str) -> str:
+def sync(record: RunRecord, uri: str) -> str:
     """Upload what the server lacks of `record` to `uri`; returns a one-line summary."""
     client = MlflowClient(uri)
     run = _existing_run(client, record.run_id)
     if run is None:  # e.g. a new server: the run is created again, with its name, tags and start time
-        database = tracking.sqlite_path(uri)
+        database = sqlite_path(uri)
         artifacts = str(database.parent / "artifacts") if database else None
-        experiment_id = tracking.ensure_experiment(client, record.experiment_name, artifacts)
+        experiment_id = ensure_experiment(client, record.experiment_name, artifacts)
         tags = {key: value for key, value in record.tags.items() if key != RUN_NAME_TAG}
         run = client.create_run(experiment_id, start_time=record.start_time, tags=tags, run_name=record.run_name)
     run_id = run.info.run_id
@@ -60,12 +68,12 @@ def sync(record: tracking.RunRecord, uri: str) -> str:
         for m in client.get_metric_history(run_id, key)
     }
     new = [p for p in points if (p.key, p.step, p.timestamp, p.value) not in held]
-    for start in range(0, len(params), 100):  # MLflow's limits per call: 100 params, 100 tags, 1000 metrics
-        client.log_batch(run_id, params=params[start : start + 100])
-    for start in range(0, len(tags), 100):
-        client.log_batch(run_id, tags=tags[start : start + 100])
-    for start in range(0, len(new), tracking.MAX_METRICS_PER_CALL):
-        client.log_batch(run_id, metrics=new[start : start + tracking.MAX_METRICS_PER_CALL])
+    for chunk in chunks(params, MAX_PARAMS_PER_CALL):
+        client.log_batch(run_id, params=chunk)
+    for chunk in chunks(tags, MAX_PARAMS_PER_CALL):
+        client.log_batch(run_id, tags=chunk)
+    for chunk in chunks(new, MAX_METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=chunk)
 
     uploaded, missing = 0, []
     for folder, relative in record.artifacts:
@@ -104,21 +112,21 @@ def main(argv: list[str] | None = None) -> None:
         records = find_records(args.folder)
         if not records:
             raise UserInputError(
-                f"{args.folder}: no run records (<output folder>/{tracking.RECORD_FOLDER}/<run id>/run.json) in it. "
+                f"{args.folder}: no run records (<output folder>/{RECORD_FOLDER}/<run id>/run.json) in it. "
                 "Give the output folder a run printed, e.g. outputs/<date>/<time>."
             )
         checked: set[str] = set()
         for folder in records:
-            record = tracking.RunRecord.load(folder)
+            record = RunRecord.load(folder)
             uri = args.tracking_uri or record.tracking_uri
             if uri not in checked:
-                tracking.check_store(uri)
+                check_store(uri)
                 checked.add(uri)
             print(sync(record, uri), flush=True)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except tracking.SENT_ERRORS as error:
+    except SENT_ERRORS as error:
         print(f"error: uploading failed: {error}\nRun the same command again: nothing is sent twice.", file=sys.stderr)
         sys.exit(1)
 

@@ -12,26 +12,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.table import Table
 
-from pipeline.cli import adopt_output_folder, user_errors
+from pipeline.cli import adopt_output_folder, metrics_table, sigterm_as_exception, user_errors
 from pipeline.config import CONF_DIR, validate
 from pipeline.errors import TrainingDiverged
 
 
 def report(result: object) -> None:
-    from pipeline import tracking
+    from pipeline.tracking.store import ui_command
 
     console = Console(soft_wrap=True)
-    table = Table(title="Test set, best checkpoint")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in sorted(result.metrics.items()):
-        table.add_row(name, f"{value:.4f}")
-    console.print(table)
+    console.print(metrics_table("Test set, best checkpoint", result.metrics))
     console.print(f"MLflow run: {result.run_id}")
     console.print(f"Checkpoint: {result.best_checkpoint}")
-    console.print(f"See the runs: {tracking.ui_command(result.tracking_uri)}")
+    console.print(f"See the runs: {ui_command(result.tracking_uri)}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -43,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     # DDP ranks are re-launched by Lightning with rank 0's hydra.run.dir, so they agree on the output folder
     # even when their clocks tick past a second.
     adopt_output_folder(cfg)
-    with user_errors(TrainingDiverged):
+    with user_errors(TrainingDiverged), sigterm_as_exception():
         result = run(cfg)
     if not result.run_id:
         return  # a data-parallel rank other than the first: the first one reports

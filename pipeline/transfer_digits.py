@@ -87,7 +87,7 @@ def gains(runs: Sequence[StageRun]) -> list[float]:
 
 
 def report(runs: Sequence[StageRun]) -> None:
-    from pipeline import tracking
+    from pipeline.tracking.store import ui_command
 
     table = Table(title="transfer_digits: test set of each run, last checkpoint")
     for column in ("stage", "draw", "test/acc", "wall (s)", "MLflow run"):
@@ -105,7 +105,7 @@ def report(runs: Sequence[StageRun]) -> None:
         f"fine-tuned − scratch on digits 5–9: {statistics.mean(per_draw) * 100:+.1f} points of test accuracy "
         f"(mean of {len(per_draw)} draws; each: {', '.join(f'{g * 100:+.1f}' for g in per_draw)})"
     )
-    console.print(f"See the runs: {tracking.ui_command(runs[0].result.tracking_uri)}")
+    console.print(f"See the runs: {ui_command(runs[0].result.tracking_uri)}")
 
 
 def parse(argv: Sequence[str]) -> tuple[int, list[str]]:

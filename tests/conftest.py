@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import make_store_folder, sqlite_path
-from tests.mlflow_server import Served, mlflow_server
-from tests.postgres import Database, Unavailable, fresh_database
+from pipeline.tracking.store import make_store_folder, sqlite_path
+from tests.helpers.mlflow_server import Served, mlflow_server
+from tests.helpers.postgres import Database, Unavailable, fresh_database
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ("progress=none", "trainer.enable_model_summary=false")

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from tests.conftest import QUIET, store_uri
-from tests.isolation import isolated, run_isolated
+from tests.helpers.isolation import isolated, run_isolated
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (gloo's isolation) need root")
 

@@ -22,9 +22,9 @@ import yaml
 
 from pipeline.config import compose
 from tests.conftest import REPO
-from tests.isolation import run_isolated
-from tests.mlflow_server import Served
-from tests.postgres import Database
+from tests.helpers.isolation import run_isolated
+from tests.helpers.mlflow_server import Served
+from tests.helpers.postgres import Database
 
 DOCKER = REPO / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())

@@ -13,9 +13,9 @@ import lightning as L
 import mlflow
 import pytest
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.config import ConfigError, validate
+from pipeline.finetune import BATCH_NORMS
 from pipeline.run import run
 from tests.conftest import compose_in, store_uri
 
@@ -53,7 +53,7 @@ class Watch(L.Callback):
         frozen_bn = [
             name
             for name, module in model.named_modules()
-            if isinstance(module, _BatchNorm) and not module.weight.requires_grad
+            if isinstance(module, BATCH_NORMS) and not module.weight.requires_grad
         ]
         self.frozen_stats_moved.append(
             any(not torch.equal(after[f"{bn}.running_mean"], self.before[f"{bn}.running_mean"]) for bn in frozen_bn)

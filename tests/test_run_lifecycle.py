@@ -129,17 +129,17 @@ def test_points_a_killed_process_recorded_but_never_sent_reach_mlflow_when_the_r
     run's record on disk, so continuing the run sends them, and a repeated step is not logged a second time."""
     from mlflow.entities import Metric
 
-    from pipeline import tracking
+    from pipeline.tracking.runs import open_training_run
     from tests.conftest import compose_in
 
     cfg = compose_in(root)
-    first = tracking.open_run(cfg, {})
+    first = open_training_run(cfg)
     first.log_metrics({"val/acc": 0.5}, step=9)
     first.flush()
     first.record.add_metrics([Metric("val/acc", 0.6, 0, 19)])  # recorded, then the process died before sending
 
     cfg.logger.run_id = first.run_id
-    continued = tracking.open_run(cfg, {})
+    continued = open_training_run(cfg)
     continued.log_metrics({"val/acc": 0.61}, step=19)  # the resumed run repeats the epoch it had not checkpointed
     continued.log_metrics({"val/acc": 0.7}, step=29)
     continued.end("FINISHED")
@@ -148,10 +148,11 @@ def test_points_a_killed_process_recorded_but_never_sent_reach_mlflow_when_the_r
 
 
 def test_an_unexpected_error_while_sending_stops_the_sending_but_never_the_end_of_the_run(root: Path) -> None:
-    from pipeline import tracking
+    from pipeline.tracking.record import RunRecord
+    from pipeline.tracking.runs import open_training_run
     from tests.conftest import compose_in
 
-    logger = tracking.open_run(compose_in(root), {})
+    logger = open_training_run(compose_in(root))
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("not what MLflow's client raises")
@@ -160,20 +161,20 @@ def test_an_unexpected_error_while_sending_stops_the_sending_but_never_the_end_o
     logger.log_metrics({"val/acc": 0.5}, step=1)
     logger.end("FINISHED")  # returns: the sender neither hangs nor dies with points left unaccounted
     assert "ValueError: not what MLflow's client raises" in (logger.unsynced or "")
-    assert "pipeline.sync" in (logger.unsynced or "") and tracking.RunRecord.load(logger.record.folder).unsynced
+    assert "pipeline.sync" in (logger.unsynced or "") and RunRecord.load(logger.record.folder).unsynced
     assert [m.step for m in logger.record.metrics()] == [1], "kept on disk for pipeline.sync"
 
 
 def test_a_continued_run_keeps_a_param_it_cannot_change_and_goes_on_tracking(root: Path) -> None:
-    from pipeline import tracking
+    from pipeline.tracking.runs import open_training_run
     from tests.conftest import compose_in
 
     cfg = compose_in(root)
-    first = tracking.open_run(cfg, {})
+    first = open_training_run(cfg)
     first.log_hyperparams({"optim.lr_scaled": 0.1})
     first.end("KILLED")
     cfg.logger.run_id = first.run_id
-    continued = tracking.open_run(cfg, {})
+    continued = open_training_run(cfg)
     continued.log_hyperparams({"optim.lr_scaled": 0.2, "optim.effective_batch_size": 128})  # another device count
     continued.log_metrics({"val/acc": 0.9}, step=3)
     continued.end("FINISHED")

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 
 from tests.conftest import QUIET, clean_env, run_cli, store_uri
-from tests.isolation import isolated, run_isolated
+from tests.helpers.isolation import isolated, run_isolated
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root")
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline.tracking import RECORD_FOLDER, RunRecord
+from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from tests.conftest import QUIET, REPO, clean_env
-from tests.isolation import isolated
-from tests.mlflow_server import Served
-from tests.postgres import Database
+from tests.helpers.isolation import isolated
+from tests.helpers.mlflow_server import Served
+from tests.helpers.postgres import Database
 
 EPOCHS = 3
 SMALL = (
@@ -61,7 +61,8 @@ def concurrent(
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 108 characters
     sweep = None
     if CAN_ISOLATE:
-        serve = [sys.executable, "-m", "tests.mlflow_server", postgres.socket_uri, str(tracking_server.artifacts), "--"]
+        server = [sys.executable, "-m", "tests.helpers.mlflow_server"]
+        serve = [*server, postgres.socket_uri, str(tracking_server.artifacts), "--"]
         sweep = isolated(
             [
                 *serve, sys.executable, "-m", "pipeline.sweep", f"paths.root={root}", *QUIET, *SMALL,

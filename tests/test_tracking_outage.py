@@ -13,10 +13,10 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.tracking import RECORD_FOLDER, RunRecord
+from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from tests.conftest import QUIET, REPO, clean_env
-from tests.mlflow_server import free_port, start, stop
-from tests.postgres import Database
+from tests.helpers.mlflow_server import free_port, start, stop
+from tests.helpers.postgres import Database
 
 EPOCHS = 30  # long enough to outlast the first send (metric points go out every 2 s): the server dies mid-run
 SMALL = ("trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2")

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tracking
 from pipeline.config import ConfigError, validate
+from pipeline.tracking import store
 from tests.conftest import compose_in, run_cli
-from tests.isolation import isolated
-from tests.mlflow_server import free_port
+from tests.helpers.isolation import isolated
+from tests.helpers.mlflow_server import free_port
 
-HTTP_VARIABLES = list(tracking.HTTP_VARIABLES.values())
+HTTP_VARIABLES = list(store.HTTP_VARIABLES.values())
 
 
 @contextmanager
@@ -57,8 +57,8 @@ def no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def check_fails(uri: str) -> str:
-    with pytest.raises(tracking.TrackingError) as caught:
-        tracking.check_store(uri)
+    with pytest.raises(store.TrackingError) as caught:
+        store.check_store(uri)
     return str(caught.value)
 
 
@@ -70,7 +70,7 @@ def test_nothing_listening_is_connection_refused_with_the_fix(no_credentials: No
 
 
 def test_a_server_that_never_answers_times_out(no_credentials: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracking, "CHECK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(store, "CHECK_TIMEOUT_S", 0.5)
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -133,7 +133,7 @@ def test_retry_settings_are_config_knobs_that_mlflow_variables_override(
     for name in HTTP_VARIABLES:
         monkeypatch.delenv(name, raising=False)  # restored after the test: prepare() exports them
     cfg = compose_in(root, ["logger.http.max_retries=3"])
-    tracking.prepare(str(cfg.logger.tracking_uri), cfg.logger.http)
+    store.prepare(str(cfg.logger.tracking_uri), cfg.logger.http)
     assert [os.environ[name] for name in HTTP_VARIABLES] == ["3", "2", "30"]
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from tests.conftest import run_cli
-from tests.mlflow_server import mlflow_server
+from tests.helpers.mlflow_server import mlflow_server
 
 
 @pytest.mark.fresh_store

@@ -22,6 +22,7 @@ import pipeline.models  # noqa: F401  (registers ours)
 from pipeline.models.factory import create_model
 from pipeline.models.weights import WeightsError
 from pipeline.run import build_inputs, run
+from pipeline.tracking.checkpoints import local_weights
 from tests.conftest import REPO, clean_env, compose_in, run_cli, store_uri
 
 SMALL = ("model=timm", "model.name=test_resnet", "data.image_size=[32,32]")  # timm's 0.4 M-parameter ResNet
@@ -41,9 +42,11 @@ def backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("fc.") and not k.startswith("conv1.0.")}
 
 
-def load(weights: str | Path, num_classes: int, in_chans: int = 1, uri: str | None = None) -> torch.nn.Module:
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans, "tracking_uri": uri}
-    return create_model("test_resnet", pretrained=True, weights=str(weights), **kwargs)
+def load(weights: str | Path, num_classes: int, in_chans: int = 1, uri: str = "") -> torch.nn.Module:
+    """`weights` into a fresh test_resnet, as run(cfg) loads model.weights (a run's checkpoint downloaded first)."""
+    with local_weights(str(weights), uri, f"model.weights={weights}", WeightsError) as file:
+        kwargs = {"num_classes": num_classes, "in_chans": in_chans, "weights_file": file}
+        return create_model("test_resnet", pretrained=True, weights=str(weights), **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Building a configured source: `data.source` (a `_target_` and its arguments) → ImageSplits."""
+"""Building a configured source: `data.source` (a `_target_` and its arguments) → ImageSplits, and the subset of
+them a `data` config asks for."""
 
 from __future__ import annotations
 
@@ -22,3 +23,11 @@ def load_splits(source: DictConfig) -> ImageSplits:
         if isinstance(error.__cause__, UserInputError):
             raise error.__cause__ from None
         raise
+
+
+def load_data(data: DictConfig) -> ImageSplits:
+    """The images a `data` config names: its source's splits, cut to `data.classes` and
+    `data.train_per_class` (drawn with `data.source.split_seed`)."""
+    return load_splits(data.source).subset(
+        data.get("classes"), data.get("train_per_class"), seed=data.source.get("split_seed", 0)
+    )

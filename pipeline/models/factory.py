@@ -1,14 +1,16 @@
 """One factory for every model: ours (registered when the pipeline.models package is imported) and timm's.
 
-With `pretrained=True` the weights come from `weights` when it is given (a file or `runs:/<run_id>`, see
-pipeline.models.weights), otherwise from the model's published weights through timm. `reset_head` keeps the
-classifier freshly initialised even where the weights' one fits (model.reset_head: fine-tuning for new classes).
+With `pretrained=True` the weights come from `weights` when it is given (a file, or a run's checkpoint the caller
+downloaded, see pipeline.models.weights), otherwise from the model's published weights through timm. `reset_head`
+keeps the classifier freshly initialised even where the weights' one fits (model.reset_head: fine-tuning for new
+classes).
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -28,11 +30,13 @@ def create_model(
     in_chans: int,
     pretrained: bool,
     weights: str | None = None,
-    tracking_uri: str | None = None,
+    weights_file: Path | None = None,
     reset_head: bool = False,
     kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    from pipeline.models import weights as sources  # imports MLflow and the hub client only when weights are used
+    """`weights`: model.weights as the user gave it; `weights_file`: where those weights are on disk when that is not
+    `weights` itself (a run's checkpoint downloaded by the caller)."""
+    from pipeline.models import weights as sources  # imports the hub client only when weights are used
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
@@ -62,7 +66,7 @@ def create_model(
             f"{sources.how_to_provide(name)}"
         ) from error
     if pretrained and weights is not None:
-        sources.load_weights(model, weights, tracking_uri=tracking_uri, reset_head=reset_head)
+        sources.load_weights(model, weights, file=weights_file, reset_head=reset_head)
     return model
 
 

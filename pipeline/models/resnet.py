@@ -226,7 +226,15 @@ def _cfg(**kwargs: object) -> dict[str, object]:
 
 
 def _cifar_cfg(**kwargs: object) -> dict[str, object]:
-    return _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD)
+    return _cfg(
+        num_classes=10,
+        input_size=(3, 32, 32),
+        pool_size=(4, 4),
+        crop_pct=1.0,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        **kwargs,
+    )
 
 
 # timm looks default_cfgs up when the decorated functions below are defined.

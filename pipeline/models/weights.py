@@ -6,7 +6,8 @@
   model.weights=<file>      a .safetensors file, a state dict saved with torch.save, or a Lightning
                             checkpoint of ours (ImageClassifier keeps the network under `model.`)
   model.weights=runs:/<id>  the best checkpoint an earlier run of ours logged to MLflow (artifact folder
-                            `checkpoints/`, or runs:/<id>/<artifact path>), from logger.tracking_uri
+                            `checkpoints/`, or runs:/<id>/<artifact path>), from logger.tracking_uri: run(cfg)
+                            downloads it (pipeline.tracking.checkpoints); models never talk to MLflow
 
 Local weights are fitted like timm fits its own: the first convolution is adapted to the data's channels
 (timm's adapt_input_conv: RGB weights summed for grayscale, repeated and scaled the other way), and the
@@ -23,7 +24,6 @@ import os
 import pickle
 import re
 import socket
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,8 +37,6 @@ from torch import nn
 from pipeline.models.factory import ModelError, classifier_names
 
 log = logging.getLogger(__name__)
-RUNS_PREFIX = "runs:/"
-CHECKPOINT_FOLDER = "checkpoints"  # where run(cfg) uploads the best checkpoint
 PROBE_SECONDS = 2.0
 
 
@@ -148,12 +146,11 @@ def _reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
 # ----------------------------------------------------------------------------------------- local weights
 
 
-def load_weights(model: nn.Module, source: str, tracking_uri: str | None = None, reset_head: bool = False) -> Fitted:
-    """Put the weights of `source` (a file or runs:/<run_id>[/<artifact path>]) into `model`, fitted to it;
+def load_weights(model: nn.Module, source: str, file: Path | None = None, reset_head: bool = False) -> Fitted:
+    """Put the weights of `source` (model.weights as the user gave it) into `model`, fitted to it. `file`: where they
+    are on disk when that is not `source` itself (a run's checkpoint, downloaded by pipeline.tracking.checkpoints);
     `reset_head`: keep the model's fresh classifier even where the weights' one would fit."""
-    with tempfile.TemporaryDirectory(prefix="weights-") as folder:
-        path = _fetch_run_checkpoint(source, tracking_uri, Path(folder)) if is_run_uri(source) else _file(source)
-        state = read_state_dict(path, source)
+    state = read_state_dict(file or _file(source), source)
     fitted = fit_state_dict(model, state, source, reset_head=reset_head)
     log.info(
         "Loaded model.weights=%s (input convolution adapted: %s; classifier re-initialised: %s)",
@@ -162,10 +159,6 @@ def load_weights(model: nn.Module, source: str, tracking_uri: str | None = None,
         ", ".join(fitted.reset_classifier) or "no",
     )
     return fitted
-
-
-def is_run_uri(source: str) -> bool:
-    return str(source).startswith(RUNS_PREFIX)
 
 
 def _file(source: str) -> Path:
@@ -177,45 +170,6 @@ def _file(source: str) -> Path:
             "best checkpoint of an earlier run."
         )
     return path
-
-
-def _fetch_run_checkpoint(source: str, tracking_uri: str | None, folder: Path) -> Path:
-    """Download the checkpoint a run logged; the run must be in the store at `tracking_uri`."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    run_id, _, artifact = source[len(RUNS_PREFIX) :].strip("/").partition("/")
-    artifact = artifact or CHECKPOINT_FOLDER
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    store = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-    if store is not None and not store.is_file():  # MLflow would create an empty store rather than say so
-        raise WeightsError(
-            f"model.weights={source}: there is no MLflow store at {uri}. Point logger.tracking_uri at the store "
-            "that holds the run (the pretraining run's `paths.root`/mlruns/mlflow.db, or a tracking server)."
-        )
-    try:
-        mlflow.MlflowClient(uri).get_run(run_id)
-    except MlflowException as error:
-        raise WeightsError(
-            f"model.weights={source}: no run {run_id!r} in {uri} ({error.message.splitlines()[0]}). Copy the run id "
-            "from the MLflow UI or the training's output, and set logger.tracking_uri to the store that holds it."
-        ) from error
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(folder),
-                                                         tracking_uri=uri))  # fmt: skip
-    except (MlflowException, OSError) as error:
-        local = None
-        reason = str(error).splitlines()[0]
-    else:
-        checkpoints = [local] if local.is_file() else sorted(local.rglob("*.ckpt"))
-        if len(checkpoints) == 1:
-            return checkpoints[0]
-        reason = f"found {len(checkpoints)} .ckpt files"
-    raise WeightsError(
-        f"model.weights={source}: run {run_id} has no single checkpoint under its artifact path {artifact!r} "
-        f"({reason}). A run logs its best checkpoint there when it finishes with logger.log_checkpoint=true; "
-        f"name one file with runs:/{run_id}/{CHECKPOINT_FOLDER}/<file>.ckpt."
-    )
 
 
 def read_state_dict(path: Path, source: str | None = None) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.run import run
-from pipeline.sweep import TRIAL_CHECKPOINT
+from pipeline.sweep.state import TRIAL_CHECKPOINT
 
 
 def train_on_workers(cfg: DictConfig, settings: dict[str, Any], folder: str, reported: dict[str, str]) -> None:

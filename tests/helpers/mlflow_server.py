@@ -1,7 +1,7 @@
 """A real `mlflow server` on a free loopback port, for tests; stopped by the PID it was started with.
 
-`python -m tests.mlflow_server BACKEND ARTIFACTS -- COMMAND ...` serves BACKEND while COMMAND runs with
-MLFLOW_TRACKING_URI pointing at the server: how a test starts a server inside a private network namespace.
+`python -m tests.helpers.mlflow_server BACKEND ARTIFACTS -- COMMAND ...` serves BACKEND while COMMAND runs
+with MLFLOW_TRACKING_URI pointing at the server: how a test starts a server inside a private network namespace.
 """
 
 from __future__ import annotations

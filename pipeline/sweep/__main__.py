@@ -1,0 +1,39 @@
+"""python -m pipeline.sweep [sweep=<preset>] [overrides]: Ray Tune over the same run(cfg) that pipeline.train calls.
+
+The driver composes the config, checks the search space against it (before Ray starts), creates the MLflow
+experiment and the sweep's parent run, and lets Ray Tune run trials. Each trial composes the train config
+with its sampled overrides and calls run(cfg), reporting every epoch to Tune (for ASHA) with a checkpoint
+(for retries). At the end the driver records every trial on the parent run and writes the best trial's
+config as a YAML that pipeline.train accepts as it is.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import CONF_DIR
+from pipeline.errors import UserInputError
+from pipeline.sweep.driver import run_sweep
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="sweep", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        outcome = run_sweep(cfg, list(HydraConfig.get().overrides.task))
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    state = outcome["state"]
+    print(f"\nBest trial: {' '.join(outcome['best_overrides'])}")
+    print(f"Trials table: {state.folder}/trials.csv")
+    print(f"Best config: {outcome['best_config']}")
+    print(f"Retrain it: python -m pipeline.train --config-dir {state.folder} --config-name best_config")
+
+
+if __name__ == "__main__":
+    main()

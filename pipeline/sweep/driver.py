@@ -1,0 +1,142 @@
+"""The sweep's driver: the state checked and saved, the parent run opened, Ray started, Tune's trials run, and every
+trial recorded on the parent run with the best trial's config written for pipeline.train."""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import CONF_DIR, compose
+from pipeline.sweep.state import SweepState, locate, new_state, tune_name
+from pipeline.sweep.trial import train_trial
+
+DRIVER_CPU = 0.01  # what a trial spread over Ray Train workers asks for itself
+
+
+def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bool) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    settings = state.settings
+    resources = settings["resources"]
+    # A trial spread over Ray Train workers only drives them: the workers ask for the CPUs and GPUs, the trial
+    # for a token share of a CPU (Tune refuses a trial that asks for nothing).
+    spread = resources["workers_per_trial"] > 1
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, state=asdict(state)),
+        {"cpu": DRIVER_CPU if spread else resources["cpu"], "gpu": 0 if spread else resources["gpu"]},
+    )
+    if resume:
+        return tune.Tuner.restore(state.folder, trainable, resume_unfinished=True, resume_errored=True)
+    metric, mode = tune_name(settings["metric"]), settings["mode"]
+    if settings["scheduler"] == "asha":
+        scheduler = ASHAScheduler(
+            max_t=max_epochs,
+            grace_period=settings["grace_period"],
+            reduction_factor=settings["reduction_factor"],
+            stop_last_trials=False,  # a trial that reaches the last epoch finishes: its best checkpoint is tested
+        )
+    else:
+        scheduler = FIFOScheduler()
+    if settings["search"] == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=settings["search_seed"])
+    else:  # random and grid: Tune's variant generator samples distributions and expands grid_search
+        search_alg = tune.search.BasicVariantGenerator(random_state=settings["search_seed"])
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=settings["num_samples"],
+            scheduler=scheduler,
+            search_alg=search_alg,
+            max_concurrent_trials=settings["max_concurrent_trials"],
+            # A new trial reuses a finished trial's worker process: torch, Lightning and MLflow stay imported,
+            # which saves seconds per trial (run(cfg) keeps no state between calls).
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=state.name,
+            storage_path=str(Path(state.folder).parent),
+            failure_config=tune.FailureConfig(max_failures=settings["max_failures"]),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def _start_ray(cfg: DictConfig) -> float:
+    import ray
+
+    start = time.perf_counter()
+    local = cfg.ray.address is None
+    ray.init(
+        address=cfg.ray.address,
+        num_cpus=cfg.ray.num_cpus if local else None,
+        num_gpus=cfg.ray.num_gpus if local else None,
+        _temp_dir=cfg.ray.temp_dir if local else None,
+        include_dashboard=False,
+    )
+    return time.perf_counter() - start
+
+
+def write_best_config(state: SweepState, best_overrides: list[str]) -> Path:
+    """The best trial's complete config, with train.yaml's Hydra settings, for `pipeline.train --config-name`."""
+    best = OmegaConf.create(OmegaConf.to_container(compose([*state.base_overrides, *best_overrides])))
+    best.hydra = OmegaConf.load(CONF_DIR / "train.yaml").hydra
+    path = Path(state.folder) / "best_config.yaml"
+    path.write_text(f"# Best trial of sweep {state.name}: {' '.join(best_overrides)}\n" + OmegaConf.to_yaml(best))
+    return path
+
+
+def run_sweep(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
+    from pipeline.plots import parallel_coordinates_png
+    from pipeline.sweep import space as search_space
+    from pipeline.sweep.tracking import open_parent_run, settle_trials
+    from pipeline.tracking.provenance import run_tags
+
+    resuming = cfg.resume is not None
+    state = SweepState.load(locate(cfg.resume, cfg.sweep.storage_path)) if resuming else new_state(cfg, cli_overrides)
+    space = search_space.build(state.params, state.settings["search"], state.base_overrides, compose)
+    max_epochs = int(compose(state.base_overrides).trainer.max_epochs)
+
+    what = {"model": cfg.model.name, "dataset": cfg.data.name, "aug": cfg.aug.name}
+    tags = run_tags(cfg.paths.output_dir, what, extra=cfg.logger.tags)
+    parent = open_parent_run(state, tags=tags, resume=resuming, http=cfg.logger.http)
+    state.parent_run_id = parent.run_id
+    state.save()
+    ray_startup = _start_ray(cfg)
+    parent.log_metric("sweep/ray_startup_s", ray_startup)
+    print(
+        f"Sweep {state.name}: {state.folder} (MLflow parent run {state.parent_run_id}); Ray up in {ray_startup:.1f} s"
+    )
+
+    started = time.perf_counter()
+    with parent.recorded_status():
+        results = _tuner(state, space, max_epochs, resuming).fit()
+        metric = tune_name(state.settings["metric"])
+        rows = settle_trials(parent, results, state, metric)
+        keys = list(state.params)
+        table = Path(state.folder) / "trials.csv"
+        with table.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial_id"])
+            writer.writeheader()
+            writer.writerows(rows)
+        figure = parallel_coordinates_png(
+            rows, keys, state.settings["metric"], Path(state.folder) / "parallel_coordinates.png", state.name
+        )
+        best = results.get_best_result(metric=metric, mode=state.settings["mode"], scope="all")
+        best_overrides = [search_space.override_text(k, v) for k, v in best.config.items()]
+        best_config = write_best_config(state, best_overrides)
+        parent.log_metric("sweep/wall_s", time.perf_counter() - started)
+        best_score = best.metrics_dataframe[metric].agg(state.settings["mode"])
+        parent.log_best(best_overrides, best_score, state.settings["metric"])
+        parent.log_files({"": table, "figures": figure, "best": best_config})
+    return {"state": state, "best_config": best_config, "best_overrides": best_overrides, "rows": rows}

@@ -1,0 +1,63 @@
+"""One Ray Tune trial: the train config with the trial's sampled values, trained by the same run(cfg) as
+pipeline.train, reporting every epoch to Tune (for ASHA) with a checkpoint (for retries)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import open_dict
+
+from pipeline.config import compose
+from pipeline.sweep.state import TRIAL_CHECKPOINT, SweepState, tune_name
+
+
+def train_trial(config: dict[str, Any], state: dict[str, Any]) -> None:
+    """One Ray Tune trial: the train config + this trial's values → run(cfg), reporting every epoch."""
+    import ray
+    import torch
+    from ray import tune
+    from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
+
+    from pipeline.run import run
+    from pipeline.sweep.space import override_text
+    from pipeline.sweep.tracking import find_child_run
+
+    sweep = SweepState(**state)
+    torch.set_num_threads(max(1, int(sweep.settings["resources"]["cpu"])))  # not every core: trials share them
+    trial_id = tune.get_context().get_trial_id()
+    cfg = compose([*sweep.base_overrides, *(override_text(k, v) for k, v in config.items())])
+    gpus = sweep.settings["resources"]["gpu"]
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(sweep.folder) / "trials" / trial_id)
+        cfg.progress = "none"
+        cfg.trainer.enable_model_summary = False
+        # A trial given no GPU must not take one it was not given (Ray leaves every GPU visible then).
+        cfg.trainer.accelerator = "gpu" if gpus else "cpu"
+        cfg.trainer.devices = 1
+        cfg.logger.run_name = f"{sweep.name}-{trial_id}"
+        cfg.logger.parent_run_id = sweep.parent_run_id
+        cfg.logger.tags = {
+            **cfg.logger.tags,
+            "sweep.name": sweep.name,
+            "sweep.trial_id": trial_id,
+            "sweep.node_id": ray.get_runtime_context().get_node_id(),
+        }
+        # A retried or resumed trial continues its own MLflow run, from its last reported checkpoint.
+        cfg.logger.run_id = find_child_run(sweep.tracking_uri, sweep.parent_run_id, trial_id)
+    metric = sweep.settings["metric"]
+    reported = {tune_name(m): m for m in dict.fromkeys([metric, "val/loss", "val/acc", "train/loss"])}
+    if sweep.settings["resources"]["workers_per_trial"] > 1:
+        from pipeline.sweep.workers import train_on_workers
+
+        train_on_workers(cfg, sweep.settings, sweep.folder, reported)
+        return
+    report = TuneReportCheckpointCallback(metrics=reported, filename=TRIAL_CHECKPOINT, on="train_epoch_end")
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        run(cfg, callbacks=[report])
+        return
+    with checkpoint.as_directory() as folder:
+        with open_dict(cfg):
+            cfg.resume = str(Path(folder) / TRIAL_CHECKPOINT)
+        run(cfg, callbacks=[report])

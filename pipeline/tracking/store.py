@@ -1,0 +1,199 @@
+"""Where runs go: the tracking store (a local sqlite file or a server), checked before any work starts.
+
+A server that is down, refuses the credentials or has lost its database is a clear error naming the URI, not a
+traceback after training. This module is the one place that reads a `sqlite:///` URI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from pipeline.errors import UserInputError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+SERVER_SCHEMES = ("http://", "https://", "databricks")
+SQLITE_PREFIX = "sqlite:///"
+HTTP_VARIABLES = {  # logger.http → MLflow's own variables, read by its client at every request
+    "max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "timeout": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
+CHECK_TIMEOUT_S = 10  # the check before a run: a server that does not answer in this time is reported
+
+
+class TrackingError(UserInputError):
+    """The tracking store cannot take runs: the message names the URI, what failed, and the fix."""
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(SERVER_SCHEMES)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local store; None for any other URI."""
+    return Path(uri[len(SQLITE_PREFIX) :]) if uri.startswith(SQLITE_PREFIX) else None
+
+
+def artifact_location(uri: str, local: str | Path) -> str | None:
+    """Where a new experiment keeps its artifacts: `local` on a local store; the server's choice on a server."""
+    return None if is_server(uri) else str(local)
+
+
+def prepare(uri: str, http: Mapping[str, Any]) -> None:
+    """Set how MLflow's client retries (logger.http), then check the store now, before any work."""
+    for key, variable in HTTP_VARIABLES.items():
+        os.environ[variable] = str(http[key])
+    check_store(uri)
+
+
+def check_store(uri: str) -> None:
+    """Raise TrackingError unless runs can be logged to `uri`: a server answers its API, a local store's folder
+    is writable. Credentials belong in the environment, never in the URI (it is logged with the config)."""
+    if urlsplit(uri).password:
+        raise TrackingError(
+            "logger.tracking_uri contains a password: it would be logged and printed with the config. Remove it "
+            "from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
+            "(for a database URI: PGPASSWORD or ~/.pgpass)."
+        )
+    database = sqlite_path(uri)
+    if database is not None:
+        _check_folder(uri, database)
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri.rstrip("/"))
+
+
+def _check_folder(uri: str, database: Path) -> None:
+    """Nothing is created here: a run that fails before it starts leaves no store behind (open_run creates it)."""
+    fix = "choose a writable place: paths.mlflow_dir=<folder> or logger.tracking_uri=sqlite:///<folder>/mlflow.db"
+    existing = database if database.exists() else next(p for p in database.parents if p.exists())
+    if not existing.is_dir() and existing != database:
+        raise TrackingError(f"MLflow store {uri}: cannot create {database.parent}: {existing} is a file; {fix}")
+    if not os.access(existing, os.W_OK):
+        raise TrackingError(f"MLflow store {uri}: {existing} is not writable; {fix}")
+
+
+def make_store_folder(uri: str) -> None:
+    """MLflow creates a sqlite database, not the folders it lies in."""
+    database = sqlite_path(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+
+
+def existing_store_client(uri: str, what: str, error: type[UserInputError] = TrackingError) -> MlflowClient:
+    """An MlflowClient on a store that holds runs already. A local store that does not exist is an `error` about
+    `what` (the key the user gave): MLflow would silently create an empty store and then find nothing in it."""
+    from mlflow import MlflowClient
+
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise error(
+            f"{what}: there is no MLflow store at {uri}. Point logger.tracking_uri at the store that holds the runs "
+            "(the training's `paths.root`/mlruns/mlflow.db, or a tracking server), or run from the training's folder."
+        )
+    return MlflowClient(uri)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    for needle, reason in (
+        ("refused", "connection refused"),
+        ("Name or service not known", "unknown host"),
+        ("Temporary failure in name resolution", "unknown host"),
+        ("No route to host", "no route to host"),
+        ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed"),
+    ):
+        if needle in text:
+            return reason
+    return text[:300]
+
+
+def _check_server(uri: str) -> None:
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+
+    creds = get_default_host_creds(uri)  # MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, TLS settings: as MLflow reads them
+    auth = (creds.username, creds.password) if creds.username and creds.password else None
+    headers = {"Authorization": f"Bearer {creds.token}"} if creds.token and not auth else {}
+
+    def fail(what: str, fix: str) -> TrackingError:
+        return TrackingError(f"MLflow tracking server {uri} (logger.tracking_uri): {what}. {fix}.")
+
+    unreachable = (
+        "Start the server (mlflow server --backend-store-uri ... --host ... --port ...), or point "
+        "logger.tracking_uri (or MLFLOW_TRACKING_URI) at a running one"
+    )
+    try:
+        requests.get(f"{uri}/health", timeout=CHECK_TIMEOUT_S, verify=creds.verify)
+        api = requests.get(
+            f"{uri}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=auth,
+            headers=headers,
+            timeout=CHECK_TIMEOUT_S,
+            verify=creds.verify,
+        )
+    except requests.exceptions.SSLError as error:
+        fix = "Give the server's CA certificate with MLFLOW_TRACKING_SERVER_CERT_PATH"
+        raise fail(f"TLS failed ({_reason(error)})", fix) from None
+    except requests.exceptions.Timeout:
+        raise fail(f"no answer within {CHECK_TIMEOUT_S} s", "Check the host and port, and the server's load") from None
+    except requests.exceptions.RequestException as error:
+        raise fail(f"cannot connect ({_reason(error)})", unreachable) from None
+    if api.status_code == 401:
+        who = f"rejected the credentials of user {creds.username!r}" if auth else "asks for credentials"
+        fix = "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+        raise fail(f"{who} (HTTP 401)", fix)
+    if api.status_code == 403 and "Invalid Host header" in api.text:  # MLflow's guard against DNS rebinding
+        host = urlsplit(uri).netloc
+        fix = (
+            f"Start the server with --allowed-hosts listing {host} (by default it allows only localhost and private "
+            "IP addresses), or reach it by an address it allows"
+        )
+        raise fail(f"the server does not accept the host name {host!r} (HTTP 403: Invalid Host header)", fix)
+    if api.status_code == 403:
+        fix = "Ask the server's administrator for access, or use other credentials (MLFLOW_TRACKING_USERNAME)"
+        raise fail(f"user {creds.username!r} may not read experiments (HTTP 403)", fix)
+    try:
+        answer = api.json()
+    except ValueError:
+        answer = None
+    if api.status_code != 200 or not isinstance(answer, dict):
+        detail = answer.get("message", "") if isinstance(answer, dict) else api.text[:200].strip()
+        raise fail(
+            f"its API answered HTTP {api.status_code} {detail}".rstrip(),
+            "Is logger.tracking_uri the server's base URL? If it is, the server's log says why: often its "
+            "database (--backend-store-uri) is unreachable",
+        )
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created if new: safe when several runs start at the same moment."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another run created it first
+
+
+def ui_command(uri: str) -> str:
+    """How to look at the runs of this store."""
+    if is_server(uri):
+        return f"open {uri} in a browser"
+    mlflow = Path(sys.executable).with_name("mlflow")
+    with suppress(ValueError):  # shown relative when it is under the current folder
+        mlflow = mlflow.relative_to(Path.cwd())
+    return f"{mlflow} ui --backend-store-uri {uri} --port 5000"
