@@ -118,29 +118,11 @@ def open_evaluation_run(cfg: DictConfig, source: Any, data_name: str, split: str
     return open_run(uri, str(experiment or data_name), run_name, output_dir, tags, cfg.logger.artifact_root)
 
 
-def evaluate(cfg: DictConfig) -> Evaluation:
-    """Check everything a user can get wrong, then test and log the evaluation run."""
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from pipeline.data.datamodule import TransformedImages
+def evaluation_images(cfg: DictConfig, source: Any, split: str) -> tuple[DictConfig, Any, Any]:
+    """The data config, its splits and the images of `split` to test the source's model on; the class count must
+    match the network's outputs."""
     from pipeline.data.sources import load_data
-    from pipeline.data.transforms import eval_transform
-    from pipeline.module import ImageClassifier
-    from pipeline.plots import confusion_matrix_png
-    from pipeline.source import build_model, input_spec, load_source
-    from pipeline.tracking.logger import flatten
-    from pipeline.tracking.runs import log_files, recorded_status
-    from pipeline.tracking.store import prepare
 
-    split = str(cfg.split)
-    if split not in SPLITS:
-        raise UserInputError(f"split={split}: must be one of {', '.join(SPLITS)} (e.g. split=test).")
-    uri = str(cfg.logger.tracking_uri)
-    prepare(uri, cfg.logger.http)
-    source = load_source(str(cfg.source), uri, fallback=cfg)
-    model = build_model(source)
-    spec = input_spec(source, model)
     data = evaluation_data(cfg, source)
     splits = load_data(data)
     if splits.num_classes != len(source.classes):
@@ -158,63 +140,82 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     images = getattr(splits, split)
     if len(images) == 0:
         raise UserInputError(f"split={split}: data={data.name} has no {split} images; choose another split=.")
+    return data, splits, images
+
+
+def run_test(cfg: DictConfig, source: Any, model: Any, images: Any, data: DictConfig) -> tuple[Any, dict[str, float]]:
+    """Lightning tests `model` on `images` with our ImageClassifier (so the metrics are training's own); returns the
+    confusion counts and the metrics named `<split>/…`."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from pipeline.data.datamodule import TransformedImages
+    from pipeline.data.transforms import eval_transform
+    from pipeline.module import ImageClassifier
+    from pipeline.source import input_spec
+
     loader = DataLoader(
-        TransformedImages(images, eval_transform(spec)),
+        TransformedImages(images, eval_transform(input_spec(source, model))),
         batch_size=int(cfg.batch_size or data.batch_size),
         num_workers=int(data.get("num_workers") or 0),
     )
-    module = ImageClassifier(model, num_classes=splits.num_classes, optimizer=_no_training, scheduler=_no_training)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    model_name = str(source.config.model.name)
-    logger = open_evaluation_run(cfg, source, str(data.name), split, output_dir)
+    module = ImageClassifier(model, num_classes=len(source.classes), optimizer=_no_training, scheduler=_no_training)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = trainer_args.get("precision") or source.config.get("trainer", {}).get(
         "precision", "32-true"
     )
     progress = progress_bar(cfg.progress)
+    trainer = L.Trainer(
+        **trainer_args,
+        logger=False,
+        callbacks=[progress] if progress is not None else [],
+        enable_checkpointing=False,
+        enable_progress_bar=progress is not None,
+        default_root_dir=cfg.paths.output_dir,
+    )
+    tested = trainer.test(module, dataloaders=loader, verbose=False)[0]
+    counts = module.test_confusion.compute().cpu().numpy()
+    metrics = {f"{cfg.split}/{name.split('/', 1)[1]}": float(value) for name, value in tested.items()}
+    metrics[f"{cfg.split}/samples"] = float(counts.sum())
+    return counts, metrics
+
+
+def evaluate(cfg: DictConfig) -> Evaluation:
+    """Check everything a user can get wrong, then test and log the evaluation run."""
+    from pipeline.plots import confusion_matrix_png
+    from pipeline.source import build_model, load_source
+    from pipeline.tracking.logger import flatten
+    from pipeline.tracking.runs import log_files, recorded_status
+    from pipeline.tracking.store import prepare
+
+    split = str(cfg.split)
+    if split not in SPLITS:
+        raise UserInputError(f"split={split}: must be one of {', '.join(SPLITS)} (e.g. split=test).")
+    uri = str(cfg.logger.tracking_uri)
+    prepare(uri, cfg.logger.http)
+    source = load_source(str(cfg.source), uri, fallback=cfg)
+    model = build_model(source)
+    data, splits, images = evaluation_images(cfg, source, split)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    logger = open_evaluation_run(cfg, source, str(data.name), split, output_dir)
     evaluated = {
         **OmegaConf.to_container(source.config, resolve=True),
         "data": OmegaConf.to_container(data, resolve=True),
         "evaluation": {"source": source.text, "checkpoint": source.checkpoint, "split": split},
     }
-
     with recorded_status(logger.end):
-        logger.log_hyperparams(
-            flatten(
-                {
-                    "source": source.text,
-                    "split": split,
-                    "model": evaluated["model"],
-                    "data": evaluated["data"],
-                    "source_run_id": source.run_id or "",
-                }
-            )
-        )
+        params = {"source": source.text, "split": split, "model": evaluated["model"], "data": evaluated["data"]}
+        logger.log_hyperparams(flatten({**params, "source_run_id": source.run_id or ""}))
         logger.log_text(OmegaConf.to_yaml(evaluated), "config.yaml")
-        trainer = L.Trainer(
-            **trainer_args,
-            logger=False,
-            callbacks=[progress] if progress is not None else [],
-            enable_checkpointing=False,
-            enable_progress_bar=progress is not None,
-            default_root_dir=output_dir,
-        )
-        tested = trainer.test(module, dataloaders=loader, verbose=False)[0]
-        counts = module.test_confusion.compute().cpu().numpy()
-        metrics = {f"{split}/{name.split('/', 1)[1]}": float(value) for name, value in tested.items()}
-        metrics[f"{split}/samples"] = float(counts.sum())
+        counts, metrics = run_test(cfg, source, model, images, data)
         logger.log_metrics(metrics, step=0)
         report = per_class_report(counts, splits.classes)
+        title = f"{source.config.model.name} on {data.name} ({split})"
         files = {
             "reports": write_csv(report, output_dir / "per_class.csv"),
-            "figures": confusion_matrix_png(
-                counts,
-                splits.classes,
-                output_dir / "confusion_matrix.png",
-                title=f"{model_name} on {data.name} ({split})",
-            ),
+            "figures": confusion_matrix_png(counts, splits.classes, output_dir / "confusion_matrix.png", title=title),
         }
         log_files(logger, files)
     return Evaluation(metrics, report, logger.run_id, source.run_id, uri, files, logger.unsynced)

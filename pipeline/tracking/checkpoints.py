@@ -128,10 +128,10 @@ def class_names(counts: Path | None) -> list[str] | None:
 
 @contextmanager
 def local_weights(text: str | None, tracking_uri: str, what: str, error: ErrorType) -> Iterator[Path | None]:
-    """The file `text` names (model.weights): as given, or for runs:/<id>[/<path>] the run's checkpoint downloaded
-    into a temporary folder for as long as the block runs. None when `text` is None."""
+    """For runs:/<id>[/<path>] (model.weights), the run's checkpoint downloaded into a temporary folder for as long
+    as the block runs; None for anything else (a file is read where it is, and checked by whoever reads it)."""
     if text is None or not is_run_uri(text):
-        yield None if text is None else Path(str(text)).expanduser()
+        yield None
         return
     run_id, artifact = parse_run_uri(text)
     client = existing_store_client(tracking_uri, what, error)
