@@ -55,6 +55,13 @@ def test_mlflow_tracking_uri_variable_is_followed(root: Path, monkeypatch: pytes
     assert compose_in(root, ["logger.tracking_uri=http://tracking:80"]).logger.tracking_uri == "http://tracking:80"
 
 
+def test_mlflow_experiment_name_variable_is_followed(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert compose_in(root, ["data=mnist"]).logger.experiment_name == "mnist", "default: the data set's name"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team/baselines")
+    assert compose_in(root, ["data=mnist"]).logger.experiment_name == "team/baselines"
+    assert compose_in(root, ["logger.experiment_name=mine"]).logger.experiment_name == "mine", "the key still wins"
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [
