@@ -155,12 +155,8 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
             f"data.source.val_fraction + data.source.test_fraction = {sum(fractions):g} leaves no training "
             "images: their sum must be < 1 (e.g. data.source.val_fraction=0.15 data.source.test_fraction=0.15)"
         )
-    warmup, epochs = cfg.scheduler.get("warmup_epochs"), cfg.trainer.get("max_epochs")
-    if _number(warmup) and _integer(epochs) and warmup >= epochs:
-        problems.append(
-            f"scheduler.warmup_epochs={warmup} is not shorter than trainer.max_epochs={epochs}: "
-            f"the schedule would never leave warm-up (e.g. scheduler.warmup_epochs={max(0, epochs // 10)})"
-        )
+    # A warm-up as long as the run is not refused: run(cfg) shortens it to fit (schedules.fit_warmup).
+    epochs = cfg.trainer.get("max_epochs")
     unfreeze = cfg.get("finetune", {}).get("unfreeze_epoch")
     if _integer(unfreeze) and _integer(epochs) and unfreeze >= epochs:
         problems.append(

@@ -5,6 +5,7 @@ config → data → model → LightningModule → tracked Trainer.fit → test w
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,11 @@ from pipeline.finetune import BackboneFreeze
 from pipeline.models.factory import ModelError, create_model
 from pipeline.models.stats import count_flops, count_parameters
 from pipeline.models.weights import WeightsError
-from pipeline.module import ImageClassifier
+from pipeline.module import ImageClassifier, SchedulerFactory
 from pipeline.plots import confusion_matrix_png
 from pipeline.recipes import build_mixup, mixup_enabled, optimizer_factory
 from pipeline.resume import RandomStateCheckpoint
+from pipeline.schedules import fit_warmup
 from pipeline.tracking.checkpoints import local_weights
 from pipeline.tracking.logger import RecordedMLFlowLogger
 from pipeline.tracking.runs import log_files, log_inputs, open_training_run, recorded_status
@@ -193,6 +195,23 @@ def follow(
     return RunResult({}, "", str(cfg.logger.tracking_uri), None, output_dir)
 
 
+def fitted_scheduler(cfg: DictConfig, lead: bool) -> tuple[SchedulerFactory, dict[str, float]]:
+    """The schedule from conf/scheduler with a warm-up that fits in the run, and the warm-up it uses (as a param,
+    for the run's record). A shortened warm-up is said in one line on stderr."""
+    asked = cfg.scheduler.get("warmup_epochs")
+    if asked is None:  # a schedule of one's own without a warm-up
+        return instantiate(cfg.scheduler), {}
+    used = fit_warmup(asked, cfg.trainer.max_epochs)
+    if used != asked and lead:
+        print(
+            f"warning: scheduler.warmup_epochs={asked} does not fit in trainer.max_epochs={cfg.trainer.max_epochs}: "
+            f"warming up for {used:g} epochs instead (logged as scheduler.warmup_epochs_used)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return instantiate(cfg.scheduler, warmup_epochs=used), {"scheduler.warmup_epochs_used": used}
+
+
 def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
     validate(cfg)
@@ -208,11 +227,12 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     inputs = build_inputs(cfg)
     splits, model, spec = inputs.splits, inputs.model, inputs.spec
     datamodule = build_data(cfg, splits, spec)
+    scheduler, schedule_params = fitted_scheduler(cfg, lead)
     module = ImageClassifier(
         model,
         num_classes=splits.num_classes,
         optimizer=optimizer_factory(cfg.optim),
-        scheduler=instantiate(cfg.scheduler),
+        scheduler=scheduler,
         label_smoothing=cfg.loss.label_smoothing,
         aux_weight=cfg.loss.aux_weight,
         backbone_lr_factor=cfg.finetune.backbone_lr_factor,
@@ -241,6 +261,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     logger = open_training_run(cfg)
     with recorded_status(logger.end):
         log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
+        logger.log_hyperparams(schedule_params)
         log_files(logger, {"figures": preview})
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
         print(
