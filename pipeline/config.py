@@ -87,6 +87,13 @@ RULES: Sequence[Rule] = (
         "an integer >= 1 or null",
         5,
     ),
+    # 0 would keep no best checkpoint: nothing to test at the end or to log
+    _rule(
+        "checkpoint.save_top_k",
+        lambda v: _integer(v) and (v >= 1 or v == -1),
+        "an integer >= 1, or -1 for every epoch",
+        3,
+    ),
     _rule("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1", 64),
     _rule("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0", 2),
     _rule("data.source.val_fraction", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)", 0.15),

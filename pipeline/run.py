@@ -85,7 +85,7 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True)
             auto_insert_metric_name=False,
             monitor=monitor,
             mode=mode,
-            save_top_k=1,
+            save_top_k=OmegaConf.select(cfg, "checkpoint.save_top_k", default=1),  # configs written before it: 1
             save_last=cfg.checkpoint.save_last,
         ),
         CheckpointOnException(checkpoint_dir / "interrupted.ckpt"),

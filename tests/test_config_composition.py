@@ -78,6 +78,8 @@ def test_a_warmup_as_long_as_the_run_is_not_refused(root: Path) -> None:
         ("monitor.metric=val/accuracy", "one of val/acc, val/loss"),
         ("progress=fancy", "progress='fancy': must be one of rich, tqdm, none"),
         ("data.source.test_fraction=0.9", "leaves no training images"),
+        ("checkpoint.save_top_k=0", "checkpoint.save_top_k=0: must be an integer >= 1, or -1 for every epoch"),
+        ("checkpoint.save_top_k=-2", "checkpoint.save_top_k=-2: must be an integer >= 1, or -1"),
         ("trainer.precision=8-mixed", "trainer.precision='8-mixed'"),
     ],
 )
