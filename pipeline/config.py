@@ -177,10 +177,20 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
             f"data.batch_size={batch_size} is odd, but Mixup/CutMix (mixup.mixup_alpha, mixup.cutmix_alpha) mixes "
             f"each batch with its reverse and needs an even one (e.g. data.batch_size={batch_size + 1})"
         )
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is not None and not (isinstance(entry, DictConfig) and isinstance(entry.get("_target_"), str)):
+            problems.append(
+                f"callbacks.{name}={_plain(entry)!r}: must be a Lightning callback's _target_ and arguments, or null "
+                f"to leave it out (e.g. +callbacks.{name}._target_=lightning.pytorch.callbacks.Timer)"
+            )
     mean, std = cfg.data.get("mean"), cfg.data.get("std")
     if (mean is None) != (std is None) or (mean is not None and len(mean) != len(std)):
         problems.append("data.mean and data.std must both be null or lists of the same length")
     return problems
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
 def validate(cfg: DictConfig) -> None:
@@ -190,7 +200,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, rule.key, default=_ABSENT)
         if value is _ABSENT:
             continue
-        plain = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+        plain = _plain(value)
         try:
             ok = rule.check(plain)
         except TypeError:

@@ -5,6 +5,8 @@ config → data → model → LightningModule → tracked Trainer.fit → test w
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,13 +15,13 @@ from pathlib import Path
 import lightning as L
 import timm
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline import internals, resume
 from pipeline.cli import progress_bar
-from pipeline.config import validate
+from pipeline.config import ConfigError, validate
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.images import ImageSplits
 from pipeline.data.preview import save_augmentation_grid
@@ -108,6 +110,50 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True)
     if progress is not None:
         callbacks.append(progress)
     return callbacks
+
+
+def declared_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The callbacks of conf/callbacks (`callbacks.<name>`: a _target_ and its arguments; null leaves one out), built
+    now so that a wrong class or argument stops the run before any work. They are added to build_callbacks' own,
+    which no entry here can replace or remove."""
+    built = []
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is None:
+            continue
+        key, target = f"callbacks.{name}", entry._target_
+        kind = _locate(target, f"{key}._target_")
+        if not (isinstance(kind, type) and issubclass(kind, Callback)):
+            raise ConfigError(f"{key}._target_={target} is not a Lightning callback (lightning.pytorch.Callback)")
+        if issubclass(kind, ProgressBar):
+            raise ConfigError(f"{key}: the progress bar is chosen by progress=rich|tqdm|none, not as a callback")
+        try:
+            built.append(instantiate(entry, _convert_="all"))
+        except Exception as error:  # Hydra wraps the constructor's error: show that one
+            cause = " ".join(str(error.__cause__ or error).split())
+            raise ConfigError(
+                f"{key}: {kind.__name__} cannot be built from its arguments ({cause}). Fix {key}.<argument>=…, or "
+                f"leave it out with {key}=null"
+            ) from error
+    return built
+
+
+def _locate(target: str, key: str) -> object:
+    """The class `target` names (module.Class); an error naming `key` and the close names when it does not exist."""
+    module_name, _, name = target.rpartition(".")
+    example = "Give the class's full import path, e.g. lightning.pytorch.callbacks.Timer"
+    if not module_name:
+        raise ConfigError(f"{key}={target} is not an import path. {example}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # whatever importing a user's module raises: its message says what
+        raise ConfigError(f"{key}={target}: cannot import {module_name} ({error}). {example}") from error
+    if not hasattr(module, name):
+        classes = [n for n in dir(module) if isinstance(getattr(module, n), type)]
+        close = difflib.get_close_matches(name, classes, n=3)
+        raise ConfigError(
+            f"{key}={target}: {module_name} has no {name}" + (f". Close matches: {', '.join(close)}" if close else "")
+        )
+    return getattr(module, name)
 
 
 def build_data(cfg: DictConfig, splits: ImageSplits, spec: InputSpec) -> ImageDataModule:
@@ -216,6 +262,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
     validate(cfg)
     cfg = resume.resolve(cfg)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
+    callbacks = [*declared_callbacks(cfg), *callbacks]
     lead = is_first_process()
     if lead:
         prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
