@@ -35,6 +35,28 @@ def in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+class MultirunError(UserInputError):
+    """A configuration that one job of a multirun cannot train."""
+
+
+def one_process_problem(trainer: DictConfig) -> str | None:
+    """Why a job with these trainer settings would start more than one process, or None. Lightning starts the other
+    processes of a data-parallel run by running the command line again: in a multirun that is the whole sweep."""
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if isinstance(nodes, int) and nodes > 1:
+        return f"trainer.num_nodes={nodes}"
+    if isinstance(devices, int | str) and str(devices).isdigit() and int(devices) > 1:
+        return f"trainer.devices={devices}"
+    if not isinstance(devices, int | str) and len(devices) > 1:  # a list of device indices
+        return f"trainer.devices={list(devices)}"
+    if str(devices) in ("auto", "-1") and str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda"):
+        import torch
+
+        if torch.cuda.device_count() > 1:  # Lightning would take every GPU
+            return f"trainer.devices={devices} with {torch.cuda.device_count()} GPUs"
+    return None
+
+
 def job(cfg: DictConfig, train: Callable[[DictConfig], Any], report: Callable[[Any], None]) -> float:
     """One job of a multirun: `train(cfg)` → its RunResult, reported; whatever the outcome, the sweep goes on.
     Returns the best value of monitor.metric, or NaN when the job failed or has none."""
@@ -48,6 +70,12 @@ def job(cfg: DictConfig, train: Callable[[DictConfig], Any], report: Callable[[A
     outcome: dict[str, Any] = {"job": number, "overrides": list(hydra.overrides.task), "metric": cfg.monitor.metric}
     value = math.nan
     try:
+        problem = one_process_problem(cfg.trainer)
+        if problem:
+            raise MultirunError(
+                f"{problem}: a multirun job trains in one process. Set trainer.devices=1, or train data-parallel "
+                "without -m (pipeline.train) or in pipeline.sweep (sweep.resources.workers_per_trial)"
+            )
         result = train(cfg)
     except (UserInputError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

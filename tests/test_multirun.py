@@ -12,7 +12,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import QUIET, REPO, clean_env, store_uri
+from pipeline.multirun import one_process_problem
+from tests.conftest import QUIET, REPO, clean_env, compose_in, store_uri
 from tests.helpers.hydra_returns import RETURNED_FILE
 
 TINY = (
@@ -92,3 +93,18 @@ def test_a_crashed_job_is_marked_failed_and_the_next_one_runs(root: Path) -> Non
     assert statuses == {"abacus": "FAILED", "cpu": "FINISHED"}
     assert "#0 trainer.accelerator=abacus: failed: " in done.stdout
     assert "#1 trainer.accelerator=cpu: best val/acc" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (["trainer.accelerator=cpu"], None),
+        (["trainer=gpu"], None),
+        (["trainer=ddp_cpu"], "trainer.devices=2"),
+        (["trainer.devices=[0,1]"], "trainer.devices=[0, 1]"),
+        (["trainer.accelerator=cpu", "trainer.num_nodes=2"], "trainer.num_nodes=2"),
+    ],
+)
+def test_a_job_that_would_start_more_processes_is_refused(root: Path, overrides: list[str], problem: str) -> None:
+    """Lightning starts a data-parallel run's other processes by running the command line again: the whole sweep."""
+    assert one_process_problem(compose_in(root, overrides).trainer) == problem
