@@ -3,8 +3,8 @@ sweep going on, and at the end one table of the jobs and an exit status that say
 
 A job that fails does not raise into Hydra: Hydra's basic sweeper stops a sweep at the first failed job's batch and
 skips the end-of-sweep callbacks, and a user error's exit(2) would end the whole process. The job prints its error,
-writes its outcome beside its outputs (`job.json`), and returns NaN as its metric — which Hydra's Optuna and
-Nevergrad sweepers take as a failed trial. `JobOutcomes` reads those files when the sweep ends, so it also works with
+writes its outcome beside its outputs (`job.json`), and returns NaN as its metric — which Optuna (Hydra's Optuna
+sweeper) records as a failed trial. `JobOutcomes` reads those files when the sweep ends, so it also works with
 launchers that run jobs in other processes or on other machines sharing the output folder.
 """
 
