@@ -87,6 +87,13 @@ RULES: Sequence[Rule] = (
         "an integer >= 1 or null",
         5,
     ),
+    # 0 would keep no best checkpoint: nothing to test at the end or to log
+    _rule(
+        "checkpoint.save_top_k",
+        lambda v: _integer(v) and (v >= 1 or v == -1),
+        "an integer >= 1, or -1 for every epoch",
+        3,
+    ),
     _rule("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1", 64),
     _rule("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0", 2),
     _rule("data.source.val_fraction", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)", 0.15),
@@ -155,12 +162,8 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
             f"data.source.val_fraction + data.source.test_fraction = {sum(fractions):g} leaves no training "
             "images: their sum must be < 1 (e.g. data.source.val_fraction=0.15 data.source.test_fraction=0.15)"
         )
-    warmup, epochs = cfg.scheduler.get("warmup_epochs"), cfg.trainer.get("max_epochs")
-    if _number(warmup) and _integer(epochs) and warmup >= epochs:
-        problems.append(
-            f"scheduler.warmup_epochs={warmup} is not shorter than trainer.max_epochs={epochs}: "
-            f"the schedule would never leave warm-up (e.g. scheduler.warmup_epochs={max(0, epochs // 10)})"
-        )
+    # A warm-up as long as the run is not refused: run(cfg) shortens it to fit (schedules.fit_warmup).
+    epochs = cfg.trainer.get("max_epochs")
     unfreeze = cfg.get("finetune", {}).get("unfreeze_epoch")
     if _integer(unfreeze) and _integer(epochs) and unfreeze >= epochs:
         problems.append(
@@ -174,10 +177,20 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
             f"data.batch_size={batch_size} is odd, but Mixup/CutMix (mixup.mixup_alpha, mixup.cutmix_alpha) mixes "
             f"each batch with its reverse and needs an even one (e.g. data.batch_size={batch_size + 1})"
         )
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is not None and not (isinstance(entry, DictConfig) and isinstance(entry.get("_target_"), str)):
+            problems.append(
+                f"callbacks.{name}={_plain(entry)!r}: must be a Lightning callback's _target_ and arguments, or null "
+                f"to leave it out (e.g. +callbacks.{name}._target_=lightning.pytorch.callbacks.Timer)"
+            )
     mean, std = cfg.data.get("mean"), cfg.data.get("std")
     if (mean is None) != (std is None) or (mean is not None and len(mean) != len(std)):
         problems.append("data.mean and data.std must both be null or lists of the same length")
     return problems
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
 def validate(cfg: DictConfig) -> None:
@@ -187,7 +200,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, rule.key, default=_ABSENT)
         if value is _ABSENT:
             continue
-        plain = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+        plain = _plain(value)
         try:
             ok = rule.check(plain)
         except TypeError:

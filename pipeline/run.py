@@ -5,6 +5,9 @@ config → data → model → LightningModule → tracked Trainer.fit → test w
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +15,13 @@ from pathlib import Path
 import lightning as L
 import timm
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline import internals, resume
 from pipeline.cli import progress_bar
-from pipeline.config import validate
+from pipeline.config import ConfigError, validate
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.images import ImageSplits
 from pipeline.data.preview import save_augmentation_grid
@@ -36,10 +39,11 @@ from pipeline.finetune import BackboneFreeze
 from pipeline.models.factory import ModelError, create_model
 from pipeline.models.stats import count_flops, count_parameters
 from pipeline.models.weights import WeightsError
-from pipeline.module import ImageClassifier
+from pipeline.module import ImageClassifier, SchedulerFactory
 from pipeline.plots import confusion_matrix_png
 from pipeline.recipes import build_mixup, mixup_enabled, optimizer_factory
 from pipeline.resume import RandomStateCheckpoint
+from pipeline.schedules import fit_warmup
 from pipeline.tracking.checkpoints import local_weights
 from pipeline.tracking.logger import RecordedMLFlowLogger
 from pipeline.tracking.runs import log_files, log_inputs, open_training_run, recorded_status
@@ -83,7 +87,7 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True)
             auto_insert_metric_name=False,
             monitor=monitor,
             mode=mode,
-            save_top_k=1,
+            save_top_k=OmegaConf.select(cfg, "checkpoint.save_top_k", default=1),  # configs written before it: 1
             save_last=cfg.checkpoint.save_last,
         ),
         CheckpointOnException(checkpoint_dir / "interrupted.ckpt"),
@@ -106,6 +110,50 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True)
     if progress is not None:
         callbacks.append(progress)
     return callbacks
+
+
+def declared_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The callbacks of conf/callbacks (`callbacks.<name>`: a _target_ and its arguments; null leaves one out), built
+    now so that a wrong class or argument stops the run before any work. They are added to build_callbacks' own,
+    which no entry here can replace or remove."""
+    built = []
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is None:
+            continue
+        key, target = f"callbacks.{name}", entry._target_
+        kind = _locate(target, f"{key}._target_")
+        if not (isinstance(kind, type) and issubclass(kind, Callback)):
+            raise ConfigError(f"{key}._target_={target} is not a Lightning callback (lightning.pytorch.Callback)")
+        if issubclass(kind, ProgressBar):
+            raise ConfigError(f"{key}: the progress bar is chosen by progress=rich|tqdm|none, not as a callback")
+        try:
+            built.append(instantiate(entry, _convert_="all"))
+        except Exception as error:  # Hydra wraps the constructor's error: show that one
+            cause = " ".join(str(error.__cause__ or error).split())
+            raise ConfigError(
+                f"{key}: {kind.__name__} cannot be built from its arguments ({cause}). Fix {key}.<argument>=…, or "
+                f"leave it out with {key}=null"
+            ) from error
+    return built
+
+
+def _locate(target: str, key: str) -> object:
+    """The class `target` names (module.Class); an error naming `key` and the close names when it does not exist."""
+    module_name, _, name = target.rpartition(".")
+    example = "Give the class's full import path, e.g. lightning.pytorch.callbacks.Timer"
+    if not module_name:
+        raise ConfigError(f"{key}={target} is not an import path. {example}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # whatever importing a user's module raises: its message says what
+        raise ConfigError(f"{key}={target}: cannot import {module_name} ({error}). {example}") from error
+    if not hasattr(module, name):
+        classes = [n for n in dir(module) if isinstance(getattr(module, n), type)]
+        close = difflib.get_close_matches(name, classes, n=3)
+        raise ConfigError(
+            f"{key}={target}: {module_name} has no {name}" + (f". Close matches: {', '.join(close)}" if close else "")
+        )
+    return getattr(module, name)
 
 
 def build_data(cfg: DictConfig, splits: ImageSplits, spec: InputSpec) -> ImageDataModule:
@@ -193,10 +241,28 @@ def follow(
     return RunResult({}, "", str(cfg.logger.tracking_uri), None, output_dir)
 
 
+def fitted_scheduler(cfg: DictConfig, lead: bool) -> tuple[SchedulerFactory, dict[str, float]]:
+    """The schedule from conf/scheduler with a warm-up that fits in the run, and the warm-up it uses (as a param,
+    for the run's record). A shortened warm-up is said in one line on stderr."""
+    asked = cfg.scheduler.get("warmup_epochs")
+    if asked is None:  # a schedule of one's own without a warm-up
+        return instantiate(cfg.scheduler), {}
+    used = fit_warmup(asked, cfg.trainer.max_epochs)
+    if used != asked and lead:
+        print(
+            f"warning: scheduler.warmup_epochs={asked} does not fit in trainer.max_epochs={cfg.trainer.max_epochs}: "
+            f"warming up for {used:g} epochs instead (logged as scheduler.warmup_epochs_used)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return instantiate(cfg.scheduler, warmup_epochs=used), {"scheduler.warmup_epochs_used": used}
+
+
 def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
     validate(cfg)
     cfg = resume.resolve(cfg)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
+    callbacks = [*declared_callbacks(cfg), *callbacks]
     lead = is_first_process()
     if lead:
         prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
@@ -208,11 +274,12 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     inputs = build_inputs(cfg)
     splits, model, spec = inputs.splits, inputs.model, inputs.spec
     datamodule = build_data(cfg, splits, spec)
+    scheduler, schedule_params = fitted_scheduler(cfg, lead)
     module = ImageClassifier(
         model,
         num_classes=splits.num_classes,
         optimizer=optimizer_factory(cfg.optim),
-        scheduler=instantiate(cfg.scheduler),
+        scheduler=scheduler,
         label_smoothing=cfg.loss.label_smoothing,
         aux_weight=cfg.loss.aux_weight,
         backbone_lr_factor=cfg.finetune.backbone_lr_factor,
@@ -241,6 +308,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     logger = open_training_run(cfg)
     with recorded_status(logger.end):
         log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
+        logger.log_hyperparams(schedule_params)
         log_files(logger, {"figures": preview})
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
         print(

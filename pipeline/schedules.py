@@ -12,6 +12,15 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 
+def fit_warmup(warmup_epochs: float, max_epochs: int) -> float:
+    """The warm-up a run of `max_epochs` gets: as configured when it ends before the run does; otherwise half the
+    run. A run shorter than its preset's warm-up (a one-epoch smoke test of a recipe) then still rises to its
+    learning rate and follows the rest of its schedule, instead of ending mid-warm-up at a fraction of the rate it
+    was meant to test. Half, not all but a step: the schedule's shape after the warm-up (the decay, the anneal of
+    1cycle) is part of what such a run checks."""
+    return warmup_epochs if warmup_epochs < max_epochs else max_epochs / 2
+
+
 def _with_warmup(optimizer: Optimizer, factor: callable, warmup_steps: int, warmup_start_factor: float) -> LRScheduler:
     def lr_lambda(step: int) -> float:
         if step < warmup_steps:

@@ -55,6 +55,17 @@ def test_mlflow_tracking_uri_variable_is_followed(root: Path, monkeypatch: pytes
     assert compose_in(root, ["logger.tracking_uri=http://tracking:80"]).logger.tracking_uri == "http://tracking:80"
 
 
+def test_mlflow_experiment_name_variable_is_followed(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert compose_in(root, ["data=mnist"]).logger.experiment_name == "mnist", "default: the data set's name"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team/baselines")
+    assert compose_in(root, ["data=mnist"]).logger.experiment_name == "team/baselines"
+    assert compose_in(root, ["logger.experiment_name=mine"]).logger.experiment_name == "mine", "the key still wins"
+
+
+def test_a_warmup_as_long_as_the_run_is_not_refused(root: Path) -> None:
+    validate(compose_in(root, ["trainer.max_epochs=1", "scheduler=onecycle"]))  # run(cfg) shortens it
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [
@@ -67,7 +78,8 @@ def test_mlflow_tracking_uri_variable_is_followed(root: Path, monkeypatch: pytes
         ("monitor.metric=val/accuracy", "one of val/acc, val/loss"),
         ("progress=fancy", "progress='fancy': must be one of rich, tqdm, none"),
         ("data.source.test_fraction=0.9", "leaves no training images"),
-        ("scheduler.warmup_epochs=40", "scheduler.warmup_epochs=40 is not shorter than trainer.max_epochs=30"),
+        ("checkpoint.save_top_k=0", "checkpoint.save_top_k=0: must be an integer >= 1, or -1 for every epoch"),
+        ("checkpoint.save_top_k=-2", "checkpoint.save_top_k=-2: must be an integer >= 1, or -1"),
         ("trainer.precision=8-mixed", "trainer.precision='8-mixed'"),
     ],
 )

@@ -315,7 +315,6 @@ def test_a_short_training_run_on_an_image_folder(root: Path) -> None:
             "data.batch_size=4",
             "data.num_workers=0",
             "data.image_size=[32,32]",
-            "scheduler.warmup_epochs=0",  # the default warm-up (1 epoch) must be shorter than the run
         ],
     )
     result = run(cfg)

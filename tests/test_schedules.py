@@ -50,3 +50,26 @@ def test_constant_with_warmup() -> None:
     values = lrs(schedules.constant, warmup_epochs=2)
     assert values[0] == pytest.approx(0.1 * LR)
     assert values[2 * STEPS_PER_EPOCH :] == pytest.approx([LR] * (EPOCHS - 2) * STEPS_PER_EPOCH)
+
+
+@pytest.mark.parametrize(
+    ("asked", "epochs", "used"),
+    [(1, 1, 0.5), (5, 2, 1.0), (3, 3, 1.5), (0.5, 1, 0.5), (2.9, 3, 2.9), (0, 1, 0)],
+)
+def test_a_warmup_that_does_not_fit_becomes_half_the_run(asked: float, epochs: int, used: float) -> None:
+    assert schedules.fit_warmup(asked, epochs) == used
+
+
+def test_a_one_epoch_run_with_the_fitted_warmup_rises_to_the_lr_then_decays() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    warmup = schedules.fit_warmup(1, max_epochs=1)
+    scheduler = schedules.cosine(optimizer, steps_per_epoch=STEPS_PER_EPOCH, max_epochs=1, warmup_epochs=warmup)
+    values = []
+    for _ in range(STEPS_PER_EPOCH):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = values.index(max(values))
+    assert peak == STEPS_PER_EPOCH // 2 and max(values) == pytest.approx(LR), "the configured lr is reached mid-run"
+    assert values[: peak + 1] == sorted(values[: peak + 1]) and values[peak:] == sorted(values[peak:], reverse=True)
+    assert values[-1] < LR / 5, "and the schedule's decay is run too"
