@@ -75,8 +75,12 @@ def _choice_rule(key: str, *allowed: Any) -> Rule:
     return Rule(key, check, text, f"{key}={allowed[0]}")
 
 
+SEED_MAX = 2**32 - 1  # NumPy's generators, which seed_everything and Albumentations seed, take 0..2**32-1
+
 RULES: Sequence[Rule] = (
-    _rule("seed", lambda v: v is None or _integer(v), "an integer or null", 0),
+    _rule(
+        "seed", lambda v: v is None or (_integer(v) and 0 <= v <= SEED_MAX), f"an integer in 0..{SEED_MAX} or null", 0
+    ),
     _choice_rule("progress", "rich", "tqdm", "none"),
     _rule("loss.label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.1),
     _choice_rule("monitor.metric", *MONITORED),

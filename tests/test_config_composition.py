@@ -69,6 +69,8 @@ def test_mlflow_tracking_uri_variable_is_followed(root: Path, monkeypatch: pytes
         ("data.source.test_fraction=0.9", "leaves no training images"),
         ("scheduler.warmup_epochs=40", "scheduler.warmup_epochs=40 is not shorter than trainer.max_epochs=30"),
         ("trainer.precision=8-mixed", "trainer.precision='8-mixed'"),
+        ("seed=-1", "seed=-1: must be an integer in 0..4294967295 or null"),  # NumPy refused it after 10 s
+        ("seed=4294967296", "seed=4294967296: must be an integer in 0..4294967295 or null"),
     ],
 )
 def test_wrong_values_name_the_key_and_allowed_values(root: Path, override: str, named: str) -> None:
