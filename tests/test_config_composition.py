@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from pipeline.config import CONF_DIR, ConfigError, validate
+from pipeline.config import CONF_DIR, ConfigError, check_arguments, validate
 from pipeline.data.transforms import InputSpec, train_transform
 from pipeline.recipes import optimizer_factory
 from tests.conftest import compose_in
@@ -26,6 +26,7 @@ def test_every_option_composes_and_validates(root: Path, group: str, option: str
     config_name = "sweep" if group == "sweep" else "train"  # sweep presets belong to the sweep config
     cfg = compose_in(root, [f"{group}={option}"], config_name=config_name)
     validate(cfg)
+    check_arguments(cfg)  # every key of every shipped option is one its optimizer, trainer, source… takes
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "optim").glob("*.yaml")))
