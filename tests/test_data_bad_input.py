@@ -17,6 +17,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.folder import load_image_folder
 from pipeline.data.images import ImageSet, ImageSplits
 from pipeline.errors import UserInputError
+from tests.conftest import run_cli
 
 CLASSES = ("cat", "dog")
 
@@ -102,6 +103,32 @@ def test_folder_without_images_says_what_layout_is_expected(tmp_path: Path) -> N
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "loose.png")
     with pytest.raises(DataError, match=r"no images found — expected one folder per class.*loose\.png"):
         load_image_folder(tmp_path)
+
+
+def test_a_folder_with_one_class_is_an_error_naming_it(tree: Path) -> None:
+    for path in (tree / "dog").iterdir():
+        path.unlink()
+    (tree / "dog").rmdir()
+    with pytest.raises(DataError, match=rf"{tree}: one class folder \('cat'\), but a classifier needs at least 2"):
+        load_image_folder(tree)
+    good_tree(tree / "train", per_class=4)  # the split layout: train/ decides the classes
+    for path in (tree / "train" / "cat").iterdir():
+        path.unlink()
+    (tree / "train" / "cat").rmdir()
+    with pytest.raises(DataError, match=rf"{tree / 'train'}: one class folder \('dog'\)"):
+        load_image_folder(tree)
+
+
+@pytest.mark.fresh_store
+def test_training_on_one_class_stops_at_load_time_without_a_run(tree: Path, root: Path) -> None:
+    for path in (tree / "dog").iterdir():
+        path.unlink()
+    (tree / "dog").rmdir()
+    done = run_cli("pipeline.train", "data=imagefolder", f"data.root={tree}", root=root)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: {tree}: one class folder ('cat'), but a classifier needs at least 2 classes" in done.stderr
+    assert "Traceback" not in done.stderr and "torchmetrics" not in done.stderr
+    assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
 
 
 def test_missing_root_names_the_key(tmp_path: Path) -> None:

@@ -183,6 +183,12 @@ def load_image_folder(
     given = _split_folders(root)
     classes = [folder.name for folder in _class_folders(given.get("train", root))]
     trees = {split: _list_tree(folder, classes) for split, folder in (given or {"train": root}).items()}
+    if len(classes) == 1:  # checked before decoding every file; the metrics would refuse it after the data load
+        folder = given.get("train", root)
+        raise DataError(
+            f"{folder}: one class folder ({classes[0]!r}), but a classifier needs at least 2 classes. Add a folder of "
+            f"images for each class ({folder}/<class>/<image>), or point data.root at the folder that holds them."
+        )
 
     scan = scan_images([path for tree in trees.values() for path in tree.paths], min_size)
     if scan.bad and on_bad_file == "error":
