@@ -6,8 +6,12 @@ without images, a wrong layout, a split that cannot be stratified, and a trainin
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,9 +19,9 @@ from PIL import Image
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.errors import DataError
 from pipeline.data.folder import load_image_folder
-from pipeline.data.images import ImageSet, ImageSplits
+from pipeline.data.images import ImageSet, ImageSplits, printable, stored_path
 from pipeline.errors import UserInputError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, store_uri
 
 CLASSES = ("cat", "dog")
 
@@ -129,6 +133,55 @@ def test_training_on_one_class_stops_at_load_time_without_a_run(tree: Path, root
     assert f"error: {tree}: one class folder ('cat'), but a classifier needs at least 2 classes" in done.stderr
     assert "Traceback" not in done.stderr and "torchmetrics" not in done.stderr
     assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
+
+
+def write_at(path: bytes, data: bytes) -> None:
+    """A file at a bytes path: how a name that is not UTF-8 (a Latin-1 é) gets onto a Linux disk."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def png_bytes(side: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 200, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def names_that_are_not_utf8(tree: Path) -> tuple[str, str]:
+    """A good image and a broken file, each named with a byte that is not UTF-8; their printable paths."""
+    write_at(os.fsencode(tree / "cat") + b"/caf\xe9.png", png_bytes())
+    write_at(os.fsencode(tree / "dog") + b"/\xff-broken.png", b"not an image")
+    return f"{tree}/cat/caf\\xe9.png", f"{tree}/dog/\\xff-broken.png"
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_recorded_escaped(tree: Path) -> None:
+    good, broken = names_that_are_not_utf8(tree)
+    splits = load_image_folder(tree, on_bad_file="skip", val_fraction=0.2, test_fraction=0.2)
+    assert [path for path, _ in splits.skipped] == [broken]
+    parts = (splits.train, splits.val, splits.test)
+    assert sum(len(part) for part in parts) == 2 * 10 + 1, "the image named in Latin-1 is used"
+    stored = [stored_path(str(path)) for part in parts for path in part.paths]
+    assert os.fsdecode(os.fsencode(tree / "cat") + b"/caf\xe9.png") in stored
+    assert all(part[index][0].shape == (16, 16, 3) for part in parts for index in range(len(part)))
+    assert printable(os.fsencode(tree / "cat") + b"/caf\xe9.png") == good
+
+
+@pytest.mark.slow
+def test_a_folder_with_names_that_are_not_utf8_trains_and_logs_them_escaped(tree: Path, root: Path) -> None:
+    _, broken = names_that_are_not_utf8(tree)
+    overrides = ("data.on_bad_file=skip", "data.num_workers=0", "data.batch_size=4", "scheduler.warmup_epochs=0")
+    done = run_cli(
+        "pipeline.train", "data=imagefolder", f"data.root={tree}", "trainer.max_epochs=2", *overrides, root=root
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(store_uri(root))
+    (run,) = client.search_runs([client.get_experiment_by_name("imagefolder").experiment_id])
+    assert run.info.status == "FINISHED"
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=store_uri(root)))
+    assert f"{broken}\tnot an image" in (folder / "data" / "skipped_files.tsv").read_text()
+    counts = json.loads((folder / "data" / "class_counts.json").read_text())
+    assert sum(sum(split.values()) for split in counts.values()) == 2 * 10 + 1
 
 
 def test_missing_root_names_the_key(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.data.decode import CHANNEL_COUNTS
 from pipeline.data.errors import DataError
-from pipeline.data.images import ImageFileSet, ImageSplits
+from pipeline.data.images import ImageFileSet, ImageSplits, printable, storable
 from pipeline.data.scan import scan_images
 from pipeline.data.splits import stratified_holdout
 
@@ -69,6 +69,11 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.is_dir() and _visible(path.name))
 
 
+def _class_name(folder: Path) -> str:
+    """The folder's name as a class name, which is logged and plotted: a name that is not UTF-8 is escaped."""
+    return printable(folder.name)
+
+
 def _files_below(folder: Path) -> list[Path]:
     """Every visible file under `folder`, in a fixed order (the split must not depend on the file system)."""
     found = []
@@ -93,19 +98,19 @@ def _list_tree(folder: Path, classes: list[str]) -> Tree:
     """The files of `folder`/<class>/...; a class folder with no files, or of an unknown class, is an error."""
     problems, paths, labels = [], [], []
     for class_folder in _class_folders(folder):
-        if class_folder.name not in classes:
+        name, shown = _class_name(class_folder), printable(class_folder)
+        if name not in classes:
             problems.append(
-                f"{class_folder}: class {class_folder.name!r} has no folder in the training tree; "
-                "add it there or remove this folder"
+                f"{shown}: class {name!r} has no folder in the training tree; add it there or remove this folder"
             )
             continue
         files = _files_below(class_folder)
         if not files:
-            problems.append(f"{class_folder}: empty class folder; add images of {class_folder.name!r} or remove it")
+            problems.append(f"{shown}: empty class folder; add images of {name!r} or remove it")
         paths += files
-        labels += [classes.index(class_folder.name)] * len(files)
+        labels += [classes.index(name)] * len(files)
     if not paths and not problems:
-        loose = sorted(path.name for path in folder.iterdir() if path.is_file() and _visible(path.name))
+        loose = sorted(printable(path.name) for path in folder.iterdir() if path.is_file() and _visible(path.name))
         found = f"; it holds {len(loose)} loose files (e.g. {loose[0]})" if loose else ""
         problems.append(
             f"{folder}: no images found — expected one folder per class, {folder}/<class>/<image>{found}. "
@@ -117,7 +122,7 @@ def _list_tree(folder: Path, classes: list[str]) -> Tree:
 
 
 def _refuse_bad_files(bad: Sequence[tuple[Path, str]]) -> None:
-    lines = [f"{path}: {reason}" for path, reason in bad[:MAX_LISTED]]
+    lines = [f"{printable(path)}: {reason}" for path, reason in bad[:MAX_LISTED]]
     if len(bad) > MAX_LISTED:
         lines.append(f"... and {len(bad) - MAX_LISTED} more")
     raise DataError(
@@ -143,7 +148,7 @@ def _without(tree: Tree, bad: set[Path], classes: list[str], must_cover: bool) -
 
 def _arrays(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
     """Paths (see ImageFileSet on why StringDType) and labels as arrays, for fancy indexing by split."""
-    paths = np.array([str(path) for path in tree.paths], dtype=np.dtypes.StringDType())
+    paths = np.array([storable(str(path)) for path in tree.paths], dtype=np.dtypes.StringDType())
     return paths, np.array(tree.labels, dtype=np.int64)
 
 
@@ -181,7 +186,7 @@ def load_image_folder(
     root = Path(root)
     _check_arguments(root, channels, min_size, on_bad_file)
     given = _split_folders(root)
-    classes = [folder.name for folder in _class_folders(given.get("train", root))]
+    classes = [_class_name(folder) for folder in _class_folders(given.get("train", root))]
     trees = {split: _list_tree(folder, classes) for split, folder in (given or {"train": root}).items()}
     if len(classes) == 1:  # checked before decoding every file; the metrics would refuse it after the data load
         folder = given.get("train", root)
@@ -193,8 +198,9 @@ def load_image_folder(
     scan = scan_images([path for tree in trees.values() for path in tree.paths], min_size)
     if scan.bad and on_bad_file == "error":
         _refuse_bad_files(scan.bad)
-    if scan.bad:
-        log.warning("Left out %d bad image files (data.on_bad_file=skip), e.g. %s: %s", len(scan.bad), *scan.bad[0])
+    skipped = [(printable(path), reason) for path, reason in scan.bad]
+    if skipped:
+        log.warning("Left out %d bad image files (data.on_bad_file=skip), e.g. %s: %s", len(skipped), *skipped[0])
     bad = {path for path, _ in scan.bad}
     trees = {split: _without(tree, bad, classes, must_cover=split == "train") for split, tree in trees.items()}
 
@@ -204,5 +210,5 @@ def load_image_folder(
         val=sets["val"],
         test=sets["test"],
         classes=classes,
-        skipped=[(str(path), reason) for path, reason in scan.bad],
+        skipped=skipped,
     )
