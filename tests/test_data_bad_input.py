@@ -1,7 +1,9 @@
 """Bad data stops the run at load time with a message naming the file and the fix — or, with skip, is left out.
 
-Covered: corrupt, truncated and non-image files, images below data.min_size, empty class folders, a folder
-without images, a wrong layout, a split that cannot be stratified, and a training split smaller than a batch.
+Covered: corrupt, truncated and non-image files, images below data.min_size, decompression bombs (and
+data.max_image_pixels), empty class folders, a folder with one class, a folder without images, a wrong layout, a
+split that cannot be stratified, a training split smaller than a batch; and file names that are not UTF-8, which
+are not bad input: they train, and are recorded escaped.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -182,6 +186,48 @@ def test_a_folder_with_names_that_are_not_utf8_trains_and_logs_them_escaped(tree
     assert f"{broken}\tnot an image" in (folder / "data" / "skipped_files.tsv").read_text()
     counts = json.loads((folder / "data" / "class_counts.json").read_text())
     assert sum(sum(split.values()) for split in counts.values()) == 2 * 10 + 1
+
+
+def decompression_bomb(path: Path, width: int = 14_000, height: int = 13_000) -> Path:
+    """A whole, valid grayscale PNG of width × height black pixels: 182 million pixels in a few hundred KB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row = zlib.compressobj(9), bytes(width + 1)  # each row: filter type 0, then the pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_named_as_such_with_the_limit_to_raise(tree: Path) -> None:
+    bomb = decompression_bomb(tree / "cat" / "bomb.png")
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(DataError) as error:
+        load_image_folder(tree)
+    reason = next(line for line in str(error.value).splitlines() if str(bomb) in line)
+    assert "182000000 pixels is more than data.max_image_pixels=178956970" in reason
+    assert "decompression bomb" in reason and "data.max_image_pixels=182000000 (null = no limit)" in reason
+    assert "corrupt or truncated" not in reason
+
+
+def test_max_image_pixels_is_the_limit(tree: Path) -> None:
+    with pytest.raises(DataError, match=r"16x16 = 256 pixels is more than data.max_image_pixels=255"):
+        load_image_folder(tree, max_image_pixels=255)
+    assert len(load_image_folder(tree, max_image_pixels=256).classes) == 2
+    with pytest.raises(DataError, match=r"data.max_image_pixels=0: must be an integer >= 1 or null"):
+        load_image_folder(tree, max_image_pixels=0)
+
+
+@pytest.mark.fresh_store
+def test_training_on_a_folder_with_a_bomb_stops_at_load_without_a_run(tree: Path, root: Path) -> None:
+    bomb = decompression_bomb(tree / "dog" / "bomb.png")
+    done = run_cli("pipeline.train", "data=imagefolder", f"data.root={tree}", root=root)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{bomb}: 182000000 pixels is more than data.max_image_pixels=178956970" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
 
 
 def test_missing_root_names_the_key(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ except hidden ones (a leading dot: .DS_Store, .ipynb_checkpoints). Images may ha
 they are converted to `channels` channels when read (see pipeline.data.decode) and resized by the
 transforms to the model's input, so a folder of mixed sizes trains as is (the aspect ratio is not kept).
 
-Every file is decoded once at load time (see pipeline.data.scan). A file that cannot be read, or is smaller
-than `min_size` pixels on a side, stops the load with a list of all such files — or, with
-on_bad_file=skip, is left out and recorded in ImageSplits.skipped.
+Every file is decoded once at load time (see pipeline.data.scan). A file that cannot be read, is smaller
+than `min_size` pixels on a side or has more than `max_image_pixels` pixels (a decompression bomb, or a genuine
+huge image: raise the limit), stops the load with a list of all such files — or, with on_bad_file=skip, is left
+out and recorded in ImageSplits.skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.decode import CHANNEL_COUNTS
+from pipeline.data.decode import CHANNEL_COUNTS, PILLOW_MAX_PIXELS, allow_pixels
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageFileSet, ImageSplits, printable, storable
 from pipeline.data.scan import scan_images
@@ -47,7 +48,7 @@ class Tree:
     labels: list[int]
 
 
-def _check_arguments(root: Path, channels: int, min_size: int, on_bad_file: str) -> None:
+def _check_arguments(root: Path, channels: int, min_size: int, on_bad_file: str, max_pixels: int | None) -> None:
     problems = []
     if not root.is_dir():
         problems.append(f"data.root={root}: no such folder (e.g. data.root=/path/to/images, holding <class>/<image>)")
@@ -57,6 +58,11 @@ def _check_arguments(root: Path, channels: int, min_size: int, on_bad_file: str)
         problems.append(f"data.min_size={min_size!r}: must be an integer >= 1 (e.g. data.min_size=8)")
     if on_bad_file not in ON_BAD_FILE:
         problems.append(f"data.on_bad_file={on_bad_file!r}: must be error or skip (e.g. data.on_bad_file=skip)")
+    if not (max_pixels is None or (isinstance(max_pixels, int) and max_pixels >= 1)):
+        problems.append(
+            f"data.max_image_pixels={max_pixels!r}: must be an integer >= 1 or null "
+            f"(e.g. data.max_image_pixels={PILLOW_MAX_PIXELS})"
+        )
     if problems:
         raise DataError("Cannot load the image folder:\n  " + "\n  ".join(problems))
 
@@ -181,10 +187,12 @@ def load_image_folder(
     split_seed: int = 0,
     min_size: int = 8,
     on_bad_file: str = "error",
+    max_image_pixels: int | None = PILLOW_MAX_PIXELS,
 ) -> ImageSplits:
     """Class folders under `root` as train/val/test sets of files, checked up front (see the module docstring)."""
     root = Path(root)
-    _check_arguments(root, channels, min_size, on_bad_file)
+    _check_arguments(root, channels, min_size, on_bad_file, max_image_pixels)
+    allow_pixels(max_image_pixels)
     given = _split_folders(root)
     classes = [_class_name(folder) for folder in _class_folders(given.get("train", root))]
     trees = {split: _list_tree(folder, classes) for split, folder in (given or {"train": root}).items()}
@@ -195,7 +203,7 @@ def load_image_folder(
             f"images for each class ({folder}/<class>/<image>), or point data.root at the folder that holds them."
         )
 
-    scan = scan_images([path for tree in trees.values() for path in tree.paths], min_size)
+    scan = scan_images([path for tree in trees.values() for path in tree.paths], min_size, max_image_pixels)
     if scan.bad and on_bad_file == "error":
         _refuse_bad_files(scan.bad)
     skipped = [(printable(path), reason) for path, reason in scan.bad]
