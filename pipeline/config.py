@@ -253,7 +253,8 @@ def _suggest(key: str, candidates: Sequence[str], path: str) -> str:
 
 def check_arguments(cfg: DictConfig) -> None:
     """Raise ConfigError for a key of an optimizer, schedule, data source, trainer… that its target does not take,
-    and AugmentationError for an augmentation entry that cannot be built. Imports the targets (torch among them):
+    ModelError for an unknown model or model.kwargs it does not take, and AugmentationError for an augmentation entry
+    that cannot be built. Imports the targets (torch among them):
     call it after `validate`, before any data is loaded."""
     from pipeline.data.transforms import InputSpec, build_transforms
 
@@ -267,6 +268,10 @@ def check_arguments(cfg: DictConfig) -> None:
             hint = _suggest(key, [*accepted, *ours], path)
             problems.append(f"{path}.{key}: {target} takes no argument {key!r}.{hint}")
     _refuse(problems)
+    from pipeline.models.factory import check_model
+
+    kwargs = cfg.model.get("kwargs")
+    check_model(str(cfg.model.name), OmegaConf.to_container(kwargs, resolve=True) if kwargs else None)
     # Built here with a placeholder input size, so a bad entry fails now; run() builds it again for the model's size.
     spec = InputSpec(AUG_CHECK_SIZE, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     build_transforms(OmegaConf.select(cfg, "aug.train"), spec)
@@ -307,6 +312,8 @@ def _unknown_key(message: str, parent: DictConfig, full_key: str) -> str:
     if accepted is not None and key in accepted:
         return f"{override}: {where} does not list {key!r}, but {target} takes it: add it with +{override}"
     hint = _suggest(key, [*keys, *(accepted or ())], path)
+    if accepted is None:  # nothing says which keys it may take (model.kwargs are checked once composed)
+        return f"{override}: {where} has no key {key!r}.{hint} To add a key it does not list: +{override}"
     listed = "" if hint else f" It has: {', '.join(keys)}."
     return f"{override}: {where} has no key {key!r}.{hint}{listed}"
 

@@ -112,6 +112,11 @@ def test_bad_overrides_fail_before_training_with_a_clear_message(root: Path, ove
         ("optim.lrr=0.1", "error: optim.lrr=0.1: optim has no key 'lrr'. Did you mean optim.lr?"),
         ("+optim.lrr=0.1", "optim.lrr: torch.optim.SGD takes no argument 'lrr'. Did you mean optim.lr?"),
         ("+trainer.max_epoch=3", "trainer.max_epoch: lightning.pytorch.Trainer takes no argument 'max_epoch'"),
+        (
+            "+model.kwargs.actt=relu",
+            "model.kwargs.actt: lenet5 takes no argument 'actt'. Did you mean model.kwargs.act?",
+        ),
+        ("model.name=lenet", "model.name='lenet' is not a known model. Close matches: lenet5"),
         ("trainer.fast_dev_run=true", "lightning.pytorch.Trainer takes it: add it with +trainer.fast_dev_run=true"),
         (
             "aug.train.HorizontalFlipp={}",
