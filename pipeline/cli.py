@@ -6,18 +6,80 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, open_dict
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import UserInputError
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
     from rich.table import Table
+
+
+HYDRA_FULL_ERROR = "HYDRA_FULL_ERROR"  # set to 1, Hydra raises errors instead of printing them itself
+_composing = False  # hydra_command set HYDRA_FULL_ERROR until the job starts (CommandChecks.on_job_start)
+
+
+def hydra_command(main: Callable[[], Any]) -> None:
+    """Run a @hydra.main function. A config Hydra cannot compose — an unknown key, group option or syntax — ends
+    with `error: <what, and the close matches of a mistyped key>` and exit status 2, not Hydra's exit 1."""
+    global _composing
+    if os.environ.get(HYDRA_FULL_ERROR) == "1":  # the user asked for Hydra's raw errors
+        main()
+        return
+    # Hydra prints a composition error and exits before anything of ours runs; raised, it can be explained here.
+    # Errors of the job itself keep Hydra's own report: CommandChecks.on_job_start unsets the variable.
+    os.environ[HYDRA_FULL_ERROR], _composing = "1", True
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as error:
+        from pipeline.config import composition_error
+
+        print(f"error: {composition_error(error)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if _composing:
+            os.environ.pop(HYDRA_FULL_ERROR, None)
+            _composing = False
+
+
+class CommandChecks(HydraCallback):
+    """Hydra callback (hydra.callbacks in conf/train.yaml): the output folder is checked before Hydra makes it, and
+    the job's own errors get Hydra's usual report (see hydra_command)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with user_errors():
+            check_output_folder(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _composing
+        if _composing:
+            os.environ.pop(HYDRA_FULL_ERROR, None)
+            _composing = False
+
+
+def check_output_folder(folder: Path) -> None:
+    """Make `folder` (Hydra would, next) and write in it, or raise UserInputError naming paths.output_dir."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Permission bits do not tell: root "may" write to /proc or a read-only mount, and cannot.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        where = f": {error.filename}" if error.filename and str(error.filename) != str(folder) else ""
+        raise UserInputError(
+            f"paths.output_dir={folder}: cannot write there ({error.strerror}{where}). Choose a writable folder: "
+            "paths.output_dir=<folder> for this run, or paths.root=<folder> for every output (runs, MLflow store)."
+        ) from None
 
 
 def adopt_output_folder(cfg: DictConfig) -> None:

@@ -1,14 +1,19 @@
 """Composing and checking the configuration, before any expensive work starts.
 
-Hydra already rejects unknown groups, options and keys. What it cannot know is which *values* make sense;
-`validate` checks those against the rules below and reports every problem at once, each naming the key,
-the value given, what is allowed, and an example override that fixes it.
+Hydra already rejects unknown groups, options and keys; `composition_error` puts its message on one line and adds
+the close matches of a mistyped key. What Hydra cannot know is which *values* make sense; `validate` checks those
+against the rules below and reports every problem at once, each naming the key, the value given, what is allowed,
+and an example override that fixes it. Nor does it know which keys the objects built from the config take: a key
+added with `+` reaches the constructor only when training starts; `check_arguments` compares them first.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,8 +80,12 @@ def _choice_rule(key: str, *allowed: Any) -> Rule:
     return Rule(key, check, text, f"{key}={allowed[0]}")
 
 
+SEED_MAX = 2**32 - 1  # NumPy's generators, which seed_everything and Albumentations seed, take 0..2**32-1
+
 RULES: Sequence[Rule] = (
-    _rule("seed", lambda v: v is None or _integer(v), "an integer or null", 0),
+    _rule(
+        "seed", lambda v: v is None or (_integer(v) and 0 <= v <= SEED_MAX), f"an integer in 0..{SEED_MAX} or null", 0
+    ),
     _choice_rule("progress", "rich", "tqdm", "none"),
     _rule("loss.label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.1),
     _choice_rule("monitor.metric", *MONITORED),
@@ -193,6 +202,14 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
+def _refuse(problems: Sequence[str]) -> None:
+    """One problem on one line; several listed below each other."""
+    if len(problems) == 1:
+        raise ConfigError(f"Invalid configuration: {problems[0]}")
+    if problems:
+        raise ConfigError("Invalid configuration:\n  " + "\n  ".join(problems))
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every value that cannot work; silent when the config is sound."""
     problems = []
@@ -208,8 +225,110 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             problems.append(f"{rule.key}={plain!r}: must be {rule.allowed} (e.g. {rule.example})")
     problems += _cross_field_problems(cfg)
-    if problems:
-        raise ConfigError("Invalid configuration:\n  " + "\n  ".join(problems))
+    _refuse(problems)
+
+
+# Nodes built without a `_target_` of their own, and what they are given to.
+IMPLIED_TARGETS = {"trainer": "lightning.pytorch.Trainer"}
+# Keys of a node that we read ourselves and never pass to its target.
+NOT_ARGUMENTS = {"optim": ("lr_base", "lr_scale")}
+AUG_CHECK_SIZE = (32, 32)  # the augmentation is checked before the model gives its input size
+
+
+def _arguments(target: str) -> set[str] | None:
+    """The keyword arguments `target` takes; None when it takes any (**kwargs) or has no signature to read."""
+    from hydra.utils import get_object
+
+    try:
+        parameters = inspect.signature(get_object(target)).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return None  # an unknown target is Hydra's error to report; a builtin (timedelta) has no signature
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind is not p.VAR_POSITIONAL}
+
+
+def _built_nodes(node: DictConfig, path: str = "") -> Iterator[tuple[str, DictConfig, str]]:
+    """(path, node, target) of every node of `cfg` that is built from a target, the trainer's included."""
+    target = node.get("_target_") if "_target_" in node else IMPLIED_TARGETS.get(path)
+    if isinstance(target, str):
+        yield path, node, target
+    for key, child in node.items_ex(resolve=False):
+        if isinstance(child, DictConfig):
+            yield from _built_nodes(child, f"{path}.{key}" if path else str(key))
+
+
+def _suggest(key: str, candidates: Sequence[str], path: str) -> str:
+    close = difflib.get_close_matches(key, sorted(set(candidates)), n=3)
+    prefix = f"{path}." if path else ""
+    return f" Did you mean {' or '.join(prefix + name for name in close)}?" if close else ""
+
+
+def check_arguments(cfg: DictConfig) -> None:
+    """Raise ConfigError for a key of an optimizer, schedule, data source, trainer… that its target does not take,
+    ModelError for an unknown model or model.kwargs it does not take, and AugmentationError for an augmentation entry
+    that cannot be built. Imports the targets (torch among them):
+    call it after `validate`, before any data is loaded."""
+    from pipeline.data.transforms import InputSpec, build_transforms
+
+    problems = []
+    for path, node, target in _built_nodes(cfg):
+        accepted = _arguments(target)
+        if accepted is None:
+            continue
+        ours = NOT_ARGUMENTS.get(path, ())
+        for key in [str(k) for k in node if not str(k).startswith("_") and k not in accepted and k not in ours]:
+            hint = _suggest(key, [*accepted, *ours], path)
+            problems.append(f"{path}.{key}: {target} takes no argument {key!r}.{hint}")
+    _refuse(problems)
+    from pipeline.models.factory import check_model
+
+    kwargs = cfg.model.get("kwargs")
+    check_model(str(cfg.model.name), OmegaConf.to_container(kwargs, resolve=True) if kwargs else None)
+    # Built here with a placeholder input size, so a bad entry fails now; run() builds it again for the model's size.
+    spec = InputSpec(AUG_CHECK_SIZE, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    build_transforms(OmegaConf.select(cfg, "aug.train"), spec)
+
+
+def composition_error(error: Exception) -> str:
+    """Hydra's message for a config it could not compose, on one line; for a key that does not exist, the keys it
+    may have meant (of the node, or the arguments its target takes; for augmentation, Albumentations' transforms)."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = error.__cause__
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and isinstance(cause.parent_node, DictConfig):
+        return _unknown_key(str(error), cause.parent_node, str(cause.full_key))
+    text = str(error).split("\nConfig search path:")[0]  # where Hydra looked: not the user's concern
+    text = re.sub(r":\s*\n\t", ": ", text)  # a list of options, one per line, becomes "options: a, b, c"
+    text = re.sub(r"\n\t", ", ", text)
+    one_line = ". ".join(line.strip().rstrip(".") for line in text.splitlines() if line.strip()) + "."
+    override = getattr(error, "override", None)  # a syntax error names the override it could not parse
+    return f"{override}: {one_line}" if override else one_line
+
+
+def _unknown_key(message: str, parent: DictConfig, full_key: str) -> str:
+    path, _, key = full_key.rpartition(".")
+    appended = re.search(r"use \+(\S+)", message)  # Hydra's advice carries the override as typed
+    override = appended.group(1) if appended else full_key
+    if path == "aug.train":  # its entries are Albumentations class names
+        from pipeline.data.transforms import AugmentationError, transform_class
+
+        try:
+            transform_class(key, full_key)
+        except AugmentationError as error:
+            return str(error)
+        return f"{full_key}: the augmentation does not list {key}; add it with +{override}"
+    keys = [str(k) for k in parent if not str(k).startswith("_")]
+    target = parent.get("_target_") if "_target_" in parent else IMPLIED_TARGETS.get(path)
+    accepted = _arguments(target) if isinstance(target, str) else None
+    where = path or "the config"
+    if accepted is not None and key in accepted:
+        return f"{override}: {where} does not list {key!r}, but {target} takes it: add it with +{override}"
+    hint = _suggest(key, [*keys, *(accepted or ())], path)
+    if accepted is None:  # nothing says which keys it may take (model.kwargs are checked once composed)
+        return f"{override}: {where} has no key {key!r}.{hint} To add a key it does not list: +{override}"
+    listed = "" if hint else f" It has: {', '.join(keys)}."
+    return f"{override}: {where} has no key {key!r}.{hint}{listed}"
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

@@ -8,6 +8,7 @@ finds its run through the run record beside it. Either way the training continue
 from __future__ import annotations
 
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pipeline.errors import UserInputError
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 
 CHECKPOINTS = ("last.ckpt", "interrupted.ckpt")  # written every epoch; written when a run is stopped
+TRAINING_STATE = ("state_dict", "optimizer_states", "epoch", "global_step")  # what Trainer.fit resumes from
 
 
 class ResumeError(UserInputError):
@@ -72,6 +74,30 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
+def check_checkpoint(checkpoint: Path, given: str) -> None:
+    """Raise ResumeError unless `checkpoint` is a training checkpoint Trainer.fit can resume from, read as it will
+    read it (tensors only): a wrong file then fails here, in seconds, before a run is created or the data loaded."""
+    fix = "Give a checkpoint a training wrote (<output folder>/checkpoints/last.ckpt) or an MLflow run id"
+    # torch.save writes a zip archive; anything else (another file, a copy cut short) would fail deep inside torch.
+    if not zipfile.is_zipfile(checkpoint):
+        raise ResumeError(
+            f"resume={given}: {checkpoint} is not a checkpoint: not the zip archive torch.save writes (another kind "
+            f"of file, or one cut short). {fix}."
+        )
+    try:  # mmap: the tensors are not read, only the structure
+        content = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, KeyError… for what it cannot read
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ResumeError(f"resume={given}: {checkpoint} cannot be read as a checkpoint ({reason}). {fix}.") from None
+    missing = [key for key in TRAINING_STATE if not isinstance(content, dict) or key not in content]
+    if missing:
+        raise ResumeError(
+            f"resume={given}: {checkpoint} holds no training state to continue (no {', '.join(missing)}): weights "
+            f"only? To start a new training from its weights: model.pretrained=true model.weights={checkpoint}. "
+            f"To continue a training: {fix[0].lower()}{fix[1:]}."
+        )
+
+
 def _run_of_checkpoint(checkpoint: Path) -> str | None:
     """The MLflow run whose record lies in the checkpoint's output folder (<output>/checkpoints/x.ckpt)."""
     records = sorted((checkpoint.parent.parent / RECORD_FOLDER).glob("*/run.json"), key=lambda p: p.stat().st_mtime)
@@ -118,6 +144,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     else:
         output_dir, checkpoint = _from_run(cfg, given)
         run_id = given
+    check_checkpoint(checkpoint, given)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg))  # the caller's config stays as it was
     with open_dict(resolved):
         resolved.resume = str(checkpoint)

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline import internals, resume
 from pipeline.cli import progress_bar
-from pipeline.config import ConfigError, validate
+from pipeline.config import ConfigError, check_arguments, validate
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.images import ImageSplits
 from pipeline.data.preview import save_augmentation_grid
@@ -261,6 +261,7 @@ def fitted_scheduler(cfg: DictConfig, lead: bool) -> tuple[SchedulerFactory, dic
 def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
     validate(cfg)
+    check_arguments(cfg)  # a key added with + that its optimizer, schedule, trainer… does not take fails here
     cfg = resume.resolve(cfg)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
     callbacks = [*declared_callbacks(cfg), *callbacks]
     lead = is_first_process()

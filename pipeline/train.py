@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
-from pipeline.cli import adopt_output_folder, metrics_table, sigterm_as_exception, user_errors
+from pipeline.cli import adopt_output_folder, hydra_command, metrics_table, sigterm_as_exception, user_errors
 from pipeline.config import CONF_DIR, validate
 from pipeline.errors import TrainingDiverged
 from pipeline.multirun import in_multirun, job
@@ -67,4 +67,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

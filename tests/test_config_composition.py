@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from pipeline.config import CONF_DIR, ConfigError, validate
+from pipeline.config import CONF_DIR, ConfigError, check_arguments, validate
 from pipeline.data.transforms import InputSpec, train_transform
 from pipeline.recipes import optimizer_factory
 from tests.conftest import compose_in
@@ -26,6 +26,7 @@ def test_every_option_composes_and_validates(root: Path, group: str, option: str
     config_name = "sweep" if group == "sweep" else "train"  # sweep presets belong to the sweep config
     cfg = compose_in(root, [f"{group}={option}"], config_name=config_name)
     validate(cfg)
+    check_arguments(cfg)  # every key of every shipped option is one its optimizer, trainer, source… takes
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "optim").glob("*.yaml")))
@@ -81,6 +82,8 @@ def test_a_warmup_as_long_as_the_run_is_not_refused(root: Path) -> None:
         ("checkpoint.save_top_k=0", "checkpoint.save_top_k=0: must be an integer >= 1, or -1 for every epoch"),
         ("checkpoint.save_top_k=-2", "checkpoint.save_top_k=-2: must be an integer >= 1, or -1"),
         ("trainer.precision=8-mixed", "trainer.precision='8-mixed'"),
+        ("seed=-1", "seed=-1: must be an integer in 0..4294967295 or null"),  # NumPy refused it after 10 s
+        ("seed=4294967296", "seed=4294967296: must be an integer in 0..4294967295 or null"),
     ],
 )
 def test_wrong_values_name_the_key_and_allowed_values(root: Path, override: str, named: str) -> None:

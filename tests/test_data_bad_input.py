@@ -1,13 +1,21 @@
 """Bad data stops the run at load time with a message naming the file and the fix — or, with skip, is left out.
 
-Covered: corrupt, truncated and non-image files, images below data.min_size, empty class folders, a folder
-without images, a wrong layout, a split that cannot be stratified, and a training split smaller than a batch.
+Covered: corrupt, truncated and non-image files, images below data.min_size, decompression bombs (and
+data.max_image_pixels), empty class folders, a folder with one class, a folder without images, a wrong layout, a
+split that cannot be stratified, a training split smaller than a batch; and file names that are not UTF-8, which
+are not bad input: they train, and are recorded escaped.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import struct
+import zlib
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,8 +23,9 @@ from PIL import Image
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.errors import DataError
 from pipeline.data.folder import load_image_folder
-from pipeline.data.images import ImageSet, ImageSplits
+from pipeline.data.images import ImageSet, ImageSplits, printable, stored_path
 from pipeline.errors import UserInputError
+from tests.conftest import run_cli, store_uri
 
 CLASSES = ("cat", "dog")
 
@@ -102,6 +111,123 @@ def test_folder_without_images_says_what_layout_is_expected(tmp_path: Path) -> N
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "loose.png")
     with pytest.raises(DataError, match=r"no images found — expected one folder per class.*loose\.png"):
         load_image_folder(tmp_path)
+
+
+def test_a_folder_with_one_class_is_an_error_naming_it(tree: Path) -> None:
+    for path in (tree / "dog").iterdir():
+        path.unlink()
+    (tree / "dog").rmdir()
+    with pytest.raises(DataError, match=rf"{tree}: one class folder \('cat'\), but a classifier needs at least 2"):
+        load_image_folder(tree)
+    good_tree(tree / "train", per_class=4)  # the split layout: train/ decides the classes
+    for path in (tree / "train" / "cat").iterdir():
+        path.unlink()
+    (tree / "train" / "cat").rmdir()
+    with pytest.raises(DataError, match=rf"{tree / 'train'}: one class folder \('dog'\)"):
+        load_image_folder(tree)
+
+
+@pytest.mark.fresh_store
+def test_training_on_one_class_stops_at_load_time_without_a_run(tree: Path, root: Path) -> None:
+    for path in (tree / "dog").iterdir():
+        path.unlink()
+    (tree / "dog").rmdir()
+    done = run_cli("pipeline.train", "data=imagefolder", f"data.root={tree}", root=root)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: {tree}: one class folder ('cat'), but a classifier needs at least 2 classes" in done.stderr
+    assert "Traceback" not in done.stderr and "torchmetrics" not in done.stderr
+    assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
+
+
+def write_at(path: bytes, data: bytes) -> None:
+    """A file at a bytes path: how a name that is not UTF-8 (a Latin-1 é) gets onto a Linux disk."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def png_bytes(side: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 200, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def names_that_are_not_utf8(tree: Path) -> tuple[str, str]:
+    """A good image and a broken file, each named with a byte that is not UTF-8; their printable paths."""
+    write_at(os.fsencode(tree / "cat") + b"/caf\xe9.png", png_bytes())
+    write_at(os.fsencode(tree / "dog") + b"/\xff-broken.png", b"not an image")
+    return f"{tree}/cat/caf\\xe9.png", f"{tree}/dog/\\xff-broken.png"
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_recorded_escaped(tree: Path) -> None:
+    good, broken = names_that_are_not_utf8(tree)
+    splits = load_image_folder(tree, on_bad_file="skip", val_fraction=0.2, test_fraction=0.2)
+    assert [path for path, _ in splits.skipped] == [broken]
+    parts = (splits.train, splits.val, splits.test)
+    assert sum(len(part) for part in parts) == 2 * 10 + 1, "the image named in Latin-1 is used"
+    stored = [stored_path(str(path)) for part in parts for path in part.paths]
+    assert os.fsdecode(os.fsencode(tree / "cat") + b"/caf\xe9.png") in stored
+    assert all(part[index][0].shape == (16, 16, 3) for part in parts for index in range(len(part)))
+    assert printable(os.fsencode(tree / "cat") + b"/caf\xe9.png") == good
+
+
+@pytest.mark.slow
+def test_a_folder_with_names_that_are_not_utf8_trains_and_logs_them_escaped(tree: Path, root: Path) -> None:
+    _, broken = names_that_are_not_utf8(tree)
+    overrides = ("data.on_bad_file=skip", "data.num_workers=0", "data.batch_size=4", "scheduler.warmup_epochs=0")
+    done = run_cli(
+        "pipeline.train", "data=imagefolder", f"data.root={tree}", "trainer.max_epochs=2", *overrides, root=root
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(store_uri(root))
+    (run,) = client.search_runs([client.get_experiment_by_name("imagefolder").experiment_id])
+    assert run.info.status == "FINISHED"
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=store_uri(root)))
+    assert f"{broken}\tnot an image" in (folder / "data" / "skipped_files.tsv").read_text()
+    counts = json.loads((folder / "data" / "class_counts.json").read_text())
+    assert sum(sum(split.values()) for split in counts.values()) == 2 * 10 + 1
+
+
+def decompression_bomb(path: Path, width: int = 14_000, height: int = 13_000) -> Path:
+    """A whole, valid grayscale PNG of width × height black pixels: 182 million pixels in a few hundred KB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row = zlib.compressobj(9), bytes(width + 1)  # each row: filter type 0, then the pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_named_as_such_with_the_limit_to_raise(tree: Path) -> None:
+    bomb = decompression_bomb(tree / "cat" / "bomb.png")
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(DataError) as error:
+        load_image_folder(tree)
+    reason = next(line for line in str(error.value).splitlines() if str(bomb) in line)
+    assert "182000000 pixels is more than data.max_image_pixels=178956970" in reason
+    assert "decompression bomb" in reason and "data.max_image_pixels=182000000 (null = no limit)" in reason
+    assert "corrupt or truncated" not in reason
+
+
+def test_max_image_pixels_is_the_limit(tree: Path) -> None:
+    with pytest.raises(DataError, match=r"16x16 = 256 pixels is more than data.max_image_pixels=255"):
+        load_image_folder(tree, max_image_pixels=255)
+    assert len(load_image_folder(tree, max_image_pixels=256).classes) == 2
+    with pytest.raises(DataError, match=r"data.max_image_pixels=0: must be an integer >= 1 or null"):
+        load_image_folder(tree, max_image_pixels=0)
+
+
+@pytest.mark.fresh_store
+def test_training_on_a_folder_with_a_bomb_stops_at_load_without_a_run(tree: Path, root: Path) -> None:
+    bomb = decompression_bomb(tree / "dog" / "bomb.png")
+    done = run_cli("pipeline.train", "data=imagefolder", f"data.root={tree}", root=root)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{bomb}: 182000000 pixels is more than data.max_image_pixels=178956970" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
 
 
 def test_missing_root_names_the_key(tmp_path: Path) -> None:

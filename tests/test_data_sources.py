@@ -26,7 +26,7 @@ from pipeline.data.sources import load_splits
 from pipeline.data.standard import load_cifar10, load_cifar100, load_fashion_mnist, load_mnist
 from pipeline.data.transforms import InputSpec, eval_transform
 from pipeline.data.workers import loader_workers
-from tests.conftest import compose_in
+from tests.conftest import compose_in, run_cli
 
 MNIST_TRAIN_PER_CLASS, MNIST_TEST_PER_CLASS, MNIST_SIDE = 10, 2, 28
 CIFAR_TRAIN_PER_CLASS, CIFAR_TEST_PER_CLASS, CIFAR_SIDE = 6, 2, 32
@@ -229,8 +229,52 @@ def test_missing_standard_set_names_the_files_and_the_fix(tmp_path: Path) -> Non
 def test_cifar_checksums_are_still_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_cifar10(tmp_path, monkeypatch)
     monkeypatch.undo()  # the official checksums again: the fixture files are not the official ones
-    with pytest.raises(DataError, match="not found or damaged"):
+    with pytest.raises(DataError, match=r"CIFAR10 in .*: 7 file\(s\) damaged or truncated: .*not the official MD5"):
         load_cifar10(tmp_path, download=False, channels=3, val_fraction=0.2, split_seed=0)
+
+
+def truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_truncated_standard_files_are_named_as_damaged_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_cifar10(tmp_path, monkeypatch)
+    batch = truncate(tmp_path / CIFAR10.base_folder / "data_batch_3")
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path, download=False, channels=3, val_fraction=0.2, split_seed=0)
+    message = str(error.value)
+    assert f"CIFAR10 in {tmp_path}: 1 file(s) damaged or truncated: {batch} (" in message
+    assert "not the official MD5 sum" in message and "copy the official files again" in message
+    assert "not found" not in message and "\n" not in message
+
+    write_mnist(tmp_path, "MNIST")
+    images = truncate(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte")
+    whole = 16 + 10 * MNIST_TRAIN_PER_CLASS * MNIST_SIDE**2
+    with pytest.raises(DataError) as error:
+        load_mnist(tmp_path, download=False, channels=1, val_fraction=0.2, split_seed=0)
+    assert f"MNIST in {tmp_path}: 1 file(s) damaged or truncated: {images} ({whole // 2:,} bytes where its header " in (
+        str(error.value)
+    )
+    assert f"promises {whole:,})" in str(error.value)
+
+
+@pytest.mark.fresh_store
+def test_training_on_truncated_cifar_files_stops_at_load_without_a_run(root: Path) -> None:
+    folder = root / "data" / CIFAR10.base_folder
+    for name, _ in [*CIFAR10.train_list, *CIFAR10.test_list]:  # the official names, each file cut short
+        pickle_to(folder / name, cifar_batch(CIFAR_TRAIN_PER_CLASS, 10, "labels", False))
+        truncate(folder / name)
+    pickle_to(folder / "batches.meta", {"label_names": [str(n) for n in range(10)]})
+    done = run_cli("pipeline.train", "data=cifar10", "data.download=false", root=root)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: CIFAR10 in {root / 'data'}: 7 file(s) damaged or truncated: {folder / 'data_batch_1'} (" in (
+        done.stderr
+    )
+    assert "Delete them and copy the official files again" in done.stderr and "Traceback" not in done.stderr
+    assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
 
 
 # --- image folders -----------------------------------------------------------------------------------------

@@ -112,6 +112,25 @@ def test_resume_of_something_that_is_neither_a_run_nor_a_checkpoint_says_what_to
         assert done.returncode == 2 and message in done.stderr and "resume=" in done.stderr, done.stderr[-2000:]
 
 
+def test_resume_of_a_file_that_is_not_a_training_checkpoint_stops_before_a_run_is_created(root: Path) -> None:
+    import torch
+
+    (root / "notes.ckpt").write_text("not a checkpoint\n" * 100)
+    torch.save({"conv.weight": torch.ones(2, 2)}, root / "weights.pt")  # a state dict: weights, no training state
+    cases = {
+        root / "notes.ckpt": "is not a checkpoint: not the zip archive torch.save writes",
+        root / "weights.pt": "holds no training state to continue (no state_dict, optimizer_states, epoch",
+    }
+    for path, message in cases.items():
+        done = run_cli("pipeline.train", f"resume={path}", root=root)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"error: resume={path}: {path} {message}" in done.stderr and "Traceback" not in done.stderr
+    assert "model.weights=" in done.stderr, "weights alone can start a new training"
+    client = mlflow.MlflowClient(store_uri(root))
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == [], "no run was created"
+    assert not list(root.glob("outputs/*/*/checkpoints")), "nothing trained"
+
+
 def test_runs_in_one_process_each_log_to_their_own_store(root: Path) -> None:
     """MLflow exports the tracking URI of a run into the environment; the next run must not follow it."""
     from pipeline.run import run

@@ -20,6 +20,7 @@ from pipeline.tracking import store
 from tests.conftest import compose_in, run_cli
 from tests.helpers.isolation import isolated
 from tests.helpers.mlflow_server import free_port
+from tests.helpers.postgres import Database
 
 HTTP_VARIABLES = list(store.HTTP_VARIABLES.values())
 
@@ -127,6 +128,51 @@ def test_a_local_store_in_a_folder_that_cannot_exist_is_an_error(tmp_path: Path)
     assert uri in message and "cannot create" in message and "paths.mlflow_dir=" in message
 
 
+def test_a_database_uri_whose_driver_is_not_installed_names_the_one_to_use() -> None:
+    uri = "postgresql://nobody@127.0.0.1:5432/nope"  # SQLAlchemy 2.1 reads it as psycopg 3, which is not installed
+    message = check_fails(uri)
+    assert f"MLflow store {uri} (logger.tracking_uri)" in message
+    assert "driver psycopg, which is not installed" in message
+    assert "logger.tracking_uri=postgresql+psycopg2://nobody@127.0.0.1:5432/nope" in message
+    message = check_fails("mysql://nobody@127.0.0.1:3306/nope")
+    assert "driver mysqldb, which is not installed" in message and "PyMySQL or mysqlclient" in message
+
+
+def test_a_database_that_refuses_the_connection_is_named_with_the_reason(postgres: Database) -> None:
+    missing = f"postgresql+psycopg2://{postgres.user}@127.0.0.1:5432/{postgres.name}_missing"
+    message = check_fails(missing)
+    assert f"MLflow store {missing} (logger.tracking_uri): cannot connect to the database" in message
+    assert f'database "{postgres.name}_missing" does not exist' in message and "createdb" in message
+    assert 'role "nobody" does not exist' in check_fails("postgresql+psycopg2://nobody@127.0.0.1:5432/postgres")
+    store.check_store(postgres.tcp_uri)  # the database that exists passes
+
+
+def test_a_database_server_that_never_answers_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "CHECK_TIMEOUT_S", 2)  # libpq's shortest connect_timeout
+    with socket.socket() as silent:  # accepts the connection and never answers the startup message
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        message = check_fails(f"postgresql+psycopg2://nobody@127.0.0.1:{silent.getsockname()[1]}/nope")
+    assert "cannot connect to the database" in message and "timeout expired" in message
+
+
+def test_a_local_store_where_nothing_can_be_written_is_an_error() -> None:
+    message = check_fails("sqlite:////proc/x.db")  # /proc is a folder even root cannot create files in
+    assert "MLflow store sqlite:////proc/x.db (logger.tracking_uri): cannot write in /proc" in message
+    assert "paths.mlflow_dir=" in message
+
+
+def test_a_local_store_that_is_not_a_database_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.db").write_text("notes, not a database\n" * 50)
+    message = check_fails(f"sqlite:///{tmp_path}/mlflow.db")
+    assert f"{tmp_path}/mlflow.db is not an SQLite database (file is not a database)" in message
+
+
+def test_a_database_uri_with_a_password_in_its_query_is_refused() -> None:
+    message = check_fails("postgresql+psycopg2://mlflow@127.0.0.1:5432/mlflow?password=hunter2")
+    assert "contains a password" in message and "hunter2" not in message
+
+
 def test_retry_settings_are_config_knobs_that_mlflow_variables_override(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,6 +186,31 @@ def test_retry_settings_are_config_knobs_that_mlflow_variables_override(
     assert compose_in(root).logger.http.timeout == 7
     with pytest.raises(ConfigError, match=r"logger.http.max_retries=11: must be an integer in 0..10"):
         validate(compose_in(root, ["logger.http.max_retries=11"]))
+
+
+@pytest.mark.parametrize("kind", ["no driver", "no database", "no folder"])
+def test_training_against_a_store_that_cannot_open_stops_before_the_data_load(
+    root: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    if kind == "no database":
+        postgres: Database = request.getfixturevalue("postgres")
+        uri, what = f"postgresql+psycopg2://{postgres.user}@127.0.0.1:5432/{postgres.name}_missing", "cannot connect"
+    else:
+        uri, what = {
+            "no driver": (
+                "postgresql://nobody@127.0.0.1:5432/nope",
+                "SQLAlchemy reads postgresql:// with the driver psycopg",
+            ),
+            "no folder": ("sqlite:////proc/x.db", "cannot write in /proc"),
+        }[kind]
+    # A data root that does not exist: had the data loaded first, its error would have come instead.
+    done = run_cli(
+        "pipeline.train", f"logger.tracking_uri={uri}", "data=imagefolder", f"data.root={root}/none", root=root
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: MLflow store {uri} (logger.tracking_uri): {what}" in done.stderr
+    assert "Traceback" not in done.stderr and "data.root" not in done.stderr
+    assert not list(root.glob("outputs/*/*/checkpoints")) and not list(root.glob("outputs/*/*/mlflow"))
 
 
 def test_training_against_a_server_that_is_down_stops_before_any_work(root: Path) -> None:

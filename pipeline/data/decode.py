@@ -17,6 +17,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 CHANNEL_COUNTS = (1, 3)
+# Pillow refuses to open an image of more pixels than this (2 × Image.MAX_IMAGE_PIXELS, its guard against
+# decompression bombs: small files that decode to gigabytes), and warns above half of it.
+PILLOW_MAX_PIXELS = 178_956_970
 LUMA_WEIGHTS = (19595, 38470, 7471)  # Pillow's ITU-R 601-2 weights, in 1/65536 (sum 65536)
 WHITE = (255, 255, 255, 255)
 GRAY_MODES = {"1", "L"}
@@ -65,3 +68,13 @@ def decode_image(path: str | Path, channels: int) -> np.ndarray:
     with Image.open(path) as image:
         upright = ImageOps.exif_transpose(image)
         return match_channels(pixels(upright), channels)
+
+
+def allow_pixels(max_pixels: int | None) -> None:
+    """Let Pillow open images of up to `max_pixels` (None: any size) in this process and the loader workers it forks.
+
+    Only ever raises Pillow's guard: below PILLOW_MAX_PIXELS the scan refuses larger images itself, with a reason.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and (max_pixels is None or max_pixels > 2 * current):
+        Image.MAX_IMAGE_PIXELS = max_pixels

@@ -11,9 +11,10 @@ except hidden ones (a leading dot: .DS_Store, .ipynb_checkpoints). Images may ha
 they are converted to `channels` channels when read (see pipeline.data.decode) and resized by the
 transforms to the model's input, so a folder of mixed sizes trains as is (the aspect ratio is not kept).
 
-Every file is decoded once at load time (see pipeline.data.scan). A file that cannot be read, or is smaller
-than `min_size` pixels on a side, stops the load with a list of all such files — or, with
-on_bad_file=skip, is left out and recorded in ImageSplits.skipped.
+Every file is decoded once at load time (see pipeline.data.scan). A file that cannot be read, is smaller
+than `min_size` pixels on a side or has more than `max_image_pixels` pixels (a decompression bomb, or a genuine
+huge image: raise the limit), stops the load with a list of all such files — or, with on_bad_file=skip, is left
+out and recorded in ImageSplits.skipped.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.decode import CHANNEL_COUNTS
+from pipeline.data.decode import CHANNEL_COUNTS, PILLOW_MAX_PIXELS, allow_pixels
 from pipeline.data.errors import DataError
-from pipeline.data.images import ImageFileSet, ImageSplits
+from pipeline.data.images import ImageFileSet, ImageSplits, printable, storable
 from pipeline.data.scan import scan_images
 from pipeline.data.splits import stratified_holdout
 
@@ -47,7 +48,7 @@ class Tree:
     labels: list[int]
 
 
-def _check_arguments(root: Path, channels: int, min_size: int, on_bad_file: str) -> None:
+def _check_arguments(root: Path, channels: int, min_size: int, on_bad_file: str, max_pixels: int | None) -> None:
     problems = []
     if not root.is_dir():
         problems.append(f"data.root={root}: no such folder (e.g. data.root=/path/to/images, holding <class>/<image>)")
@@ -57,6 +58,11 @@ def _check_arguments(root: Path, channels: int, min_size: int, on_bad_file: str)
         problems.append(f"data.min_size={min_size!r}: must be an integer >= 1 (e.g. data.min_size=8)")
     if on_bad_file not in ON_BAD_FILE:
         problems.append(f"data.on_bad_file={on_bad_file!r}: must be error or skip (e.g. data.on_bad_file=skip)")
+    if not (max_pixels is None or (isinstance(max_pixels, int) and max_pixels >= 1)):
+        problems.append(
+            f"data.max_image_pixels={max_pixels!r}: must be an integer >= 1 or null "
+            f"(e.g. data.max_image_pixels={PILLOW_MAX_PIXELS})"
+        )
     if problems:
         raise DataError("Cannot load the image folder:\n  " + "\n  ".join(problems))
 
@@ -67,6 +73,11 @@ def _visible(name: str) -> bool:
 
 def _class_folders(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.is_dir() and _visible(path.name))
+
+
+def _class_name(folder: Path) -> str:
+    """The folder's name as a class name, which is logged and plotted: a name that is not UTF-8 is escaped."""
+    return printable(folder.name)
 
 
 def _files_below(folder: Path) -> list[Path]:
@@ -93,19 +104,19 @@ def _list_tree(folder: Path, classes: list[str]) -> Tree:
     """The files of `folder`/<class>/...; a class folder with no files, or of an unknown class, is an error."""
     problems, paths, labels = [], [], []
     for class_folder in _class_folders(folder):
-        if class_folder.name not in classes:
+        name, shown = _class_name(class_folder), printable(class_folder)
+        if name not in classes:
             problems.append(
-                f"{class_folder}: class {class_folder.name!r} has no folder in the training tree; "
-                "add it there or remove this folder"
+                f"{shown}: class {name!r} has no folder in the training tree; add it there or remove this folder"
             )
             continue
         files = _files_below(class_folder)
         if not files:
-            problems.append(f"{class_folder}: empty class folder; add images of {class_folder.name!r} or remove it")
+            problems.append(f"{shown}: empty class folder; add images of {name!r} or remove it")
         paths += files
-        labels += [classes.index(class_folder.name)] * len(files)
+        labels += [classes.index(name)] * len(files)
     if not paths and not problems:
-        loose = sorted(path.name for path in folder.iterdir() if path.is_file() and _visible(path.name))
+        loose = sorted(printable(path.name) for path in folder.iterdir() if path.is_file() and _visible(path.name))
         found = f"; it holds {len(loose)} loose files (e.g. {loose[0]})" if loose else ""
         problems.append(
             f"{folder}: no images found — expected one folder per class, {folder}/<class>/<image>{found}. "
@@ -117,7 +128,7 @@ def _list_tree(folder: Path, classes: list[str]) -> Tree:
 
 
 def _refuse_bad_files(bad: Sequence[tuple[Path, str]]) -> None:
-    lines = [f"{path}: {reason}" for path, reason in bad[:MAX_LISTED]]
+    lines = [f"{printable(path)}: {reason}" for path, reason in bad[:MAX_LISTED]]
     if len(bad) > MAX_LISTED:
         lines.append(f"... and {len(bad) - MAX_LISTED} more")
     raise DataError(
@@ -143,7 +154,7 @@ def _without(tree: Tree, bad: set[Path], classes: list[str], must_cover: bool) -
 
 def _arrays(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
     """Paths (see ImageFileSet on why StringDType) and labels as arrays, for fancy indexing by split."""
-    paths = np.array([str(path) for path in tree.paths], dtype=np.dtypes.StringDType())
+    paths = np.array([storable(str(path)) for path in tree.paths], dtype=np.dtypes.StringDType())
     return paths, np.array(tree.labels, dtype=np.int64)
 
 
@@ -176,19 +187,28 @@ def load_image_folder(
     split_seed: int = 0,
     min_size: int = 8,
     on_bad_file: str = "error",
+    max_image_pixels: int | None = PILLOW_MAX_PIXELS,
 ) -> ImageSplits:
     """Class folders under `root` as train/val/test sets of files, checked up front (see the module docstring)."""
     root = Path(root)
-    _check_arguments(root, channels, min_size, on_bad_file)
+    _check_arguments(root, channels, min_size, on_bad_file, max_image_pixels)
+    allow_pixels(max_image_pixels)
     given = _split_folders(root)
-    classes = [folder.name for folder in _class_folders(given.get("train", root))]
+    classes = [_class_name(folder) for folder in _class_folders(given.get("train", root))]
     trees = {split: _list_tree(folder, classes) for split, folder in (given or {"train": root}).items()}
+    if len(classes) == 1:  # checked before decoding every file; the metrics would refuse it after the data load
+        folder = given.get("train", root)
+        raise DataError(
+            f"{folder}: one class folder ({classes[0]!r}), but a classifier needs at least 2 classes. Add a folder of "
+            f"images for each class ({folder}/<class>/<image>), or point data.root at the folder that holds them."
+        )
 
-    scan = scan_images([path for tree in trees.values() for path in tree.paths], min_size)
+    scan = scan_images([path for tree in trees.values() for path in tree.paths], min_size, max_image_pixels)
     if scan.bad and on_bad_file == "error":
         _refuse_bad_files(scan.bad)
-    if scan.bad:
-        log.warning("Left out %d bad image files (data.on_bad_file=skip), e.g. %s: %s", len(scan.bad), *scan.bad[0])
+    skipped = [(printable(path), reason) for path, reason in scan.bad]
+    if skipped:
+        log.warning("Left out %d bad image files (data.on_bad_file=skip), e.g. %s: %s", len(skipped), *skipped[0])
     bad = {path for path, _ in scan.bad}
     trees = {split: _without(tree, bad, classes, must_cover=split == "train") for split, tree in trees.items()}
 
@@ -198,5 +218,5 @@ def load_image_folder(
         val=sets["val"],
         test=sets["test"],
         classes=classes,
-        skipped=[(str(path), reason) for path, reason in scan.bad],
+        skipped=skipped,
     )

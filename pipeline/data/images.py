@@ -8,6 +8,8 @@ written down as the `LabelledImages` protocol.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,6 +18,27 @@ import numpy as np
 
 from pipeline.data.decode import CHANNEL_COUNTS, decode_image
 from pipeline.data.errors import DataError
+
+# A file name that is not valid UTF-8 reaches Python with each undecodable byte as a lone surrogate (PEP 383): the
+# path opens the file, but cannot be encoded as UTF-8 — not by NumPy's StringDType, a log file or MLflow.
+_UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
+_STORED_BYTE = re.compile("\0([0-9a-f]{2})")
+
+
+def storable(path: str) -> str:
+    """`path` in a form StringDType can hold: NUL never occurs in a path, so NUL + two hex digits stands for each
+    byte that is not UTF-8. Every other path is unchanged."""
+    return _UNDECODED_BYTE.sub(lambda match: f"\0{ord(match.group()) - 0xDC00:02x}", path)
+
+
+def stored_path(stored: str) -> str:
+    """The path `storable` was given, which opens the file."""
+    return _STORED_BYTE.sub(lambda match: chr(0xDC00 + int(match.group(1), 16)), stored) if "\0" in stored else stored
+
+
+def printable(path: str | os.PathLike[str]) -> str:
+    """`path` for messages, logs and run records: each byte that is not UTF-8 written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class LabelledImages(Protocol):
@@ -63,7 +86,8 @@ class ImageFileSet:
     Images may differ in size: the transforms resize every image to the model's input. The paths are kept
     in one NumPy array of StringDType rather than a list of str: forked loader workers that touch millions
     of Python objects copy their memory pages (reading a reference count writes it), one array stays
-    shared; and unlike a fixed-width "<U" array, each path takes only its own length.
+    shared; and unlike a fixed-width "<U" array, each path takes only its own length. They are stored as
+    `storable` makes them, so a file name that is not UTF-8 trains like any other.
     """
 
     paths: np.ndarray
@@ -80,13 +104,13 @@ class ImageFileSet:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path = str(self.paths[index])
+        path = stored_path(str(self.paths[index]))
         try:
             image = decode_image(path, self.channels)
         except Exception as error:  # the load-time scan passed it: the file changed since, or the disk failed
             raise DataError(
-                f"{path}: could not be decoded ({type(error).__name__}: {error}). It was readable when the data "
-                "were loaded; replace or remove the file and start the run again."
+                f"{printable(path)}: could not be decoded ({type(error).__name__}: {error}). It was readable when the "
+                "data were loaded; replace or remove the file and start the run again."
             ) from error
         return image, int(self.labels[index])
 

@@ -6,7 +6,9 @@ Offline, `root` must already hold the official files:
 - Fashion-MNIST: <root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
 - CIFAR-10:      <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}  (pickled batches)
 - CIFAR-100:     <root>/cifar-100-python/{train,test,meta}
-torchvision checks the CIFAR files against the official MD5 sums, so a damaged copy is refused.
+torchvision checks the CIFAR files against the official MD5 sums, so a damaged copy is refused; when it refuses,
+the files there are checked one by one, so the message says which are damaged (MD5 sum; for MNIST's IDX files,
+the length their header promises) rather than asking for files that are present.
 
 The official test split stays the test split; the validation split is held out of the official training
 split, stratified by class and fixed by `split_seed`. The sets are small (at most 60,000 images of 28 or
@@ -15,10 +17,13 @@ split, stratified by class and fixed by `split_seed`. The sets are small (at mos
 
 from __future__ import annotations
 
+import math
+import struct
 from pathlib import Path
 
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST, VisionDataset
+from torchvision.datasets.utils import check_integrity
 
 from pipeline.data.decode import CHANNEL_COUNTS, match_channels
 from pipeline.data.errors import DataError
@@ -33,18 +38,68 @@ OFFICIAL_FILES = {
 }
 
 
+IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # IDX type code → bytes per item
+
+
+def _idx_problem(path: Path) -> str | None:
+    """Why an IDX file (MNIST's format: magic, big-endian sizes, data) is not whole, or None."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        magic = file.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_ITEM_BYTES:
+            return f"{size:,} bytes that do not start like an IDX file"
+        shape = file.read(4 * magic[3])
+    if len(shape) < 4 * magic[3]:
+        return f"{size:,} bytes, cut off inside its header"
+    expected = 4 + len(shape) + math.prod(struct.unpack(f">{magic[3]}I", shape)) * IDX_ITEM_BYTES[magic[2]]
+    if size != expected:
+        return f"{size:,} bytes where its header promises {expected:,}"
+    return None
+
+
+def _check_files(dataset: type[VisionDataset], root: Path) -> tuple[list[str], list[Path]]:
+    """The official files under `root` that are damaged (each with why) and those that are missing."""
+    damaged, missing = [], []
+    if issubclass(dataset, CIFAR10):  # CIFAR-100's class is CIFAR-10's with other files
+        folder = root / dataset.base_folder
+        for name, md5 in [*dataset.train_list, *dataset.test_list, [dataset.meta["filename"], dataset.meta["md5"]]]:
+            path = folder / name
+            if not path.is_file():
+                missing.append(path)
+            elif not check_integrity(str(path), md5):
+                damaged.append(f"{path} ({path.stat().st_size:,} bytes, not the official MD5 sum)")
+    else:  # MNIST and Fashion-MNIST: torchvision reads the gunzipped archives
+        folder = root / dataset.__name__ / "raw"
+        for archive, _ in dataset.resources:
+            path = folder / archive.removesuffix(".gz")
+            if not path.is_file():
+                missing.append(path)
+            elif problem := _idx_problem(path):
+                damaged.append(f"{path} ({problem})")
+    return damaged, missing
+
+
 def _open(dataset: type[VisionDataset], root: Path, train: bool, download: bool) -> VisionDataset:
     try:
         return dataset(root=root, train=train, download=download)
     except (RuntimeError, OSError, ValueError, AssertionError) as error:  # torchvision's "not found", failed fetches
         expected = root / OFFICIAL_FILES[dataset]
+        damaged, missing = _check_files(dataset, root)
+        if damaged:
+            also = f"; missing: {', '.join(map(str, missing))}" if missing else ""
+            fetched = f" Fetching them again failed ({type(error).__name__}: {error})." if download else ""
+            raise DataError(
+                f"{dataset.__name__} in {root}: {len(damaged)} file(s) damaged or truncated: {'; '.join(damaged)}"
+                f"{also}.{fetched} Delete them and copy the official files again to {expected}, or fetch them again "
+                "with data.download=true (needs internet)."
+            ) from error
         if download:
             raise DataError(
                 f"Could not download {dataset.__name__} into {root} ({type(error).__name__}: {error}). Without "
                 f"internet, copy the official files to {expected}: files already there are read without downloading."
             ) from error
         raise DataError(
-            f"{dataset.__name__} not found or damaged in {root} ({error}): expected the official files at {expected}. "
+            f"{dataset.__name__} not found in {root} ({error}): expected the official files at {expected}. "
             "Set data.download=true to fetch them (needs internet), or point data.root at the folder that holds them."
         ) from error
 

@@ -84,7 +84,7 @@ def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
     raise ValueError(f"{len(values)} normalization values cannot be applied to {channels}-channel images")
 
 
-def _transform_class(name: str, where: str) -> type[A.BasicTransform] | type[A.BaseCompose]:
+def transform_class(name: str, where: str) -> type[A.BasicTransform] | type[A.BaseCompose]:
     cls = getattr(A, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
         known = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and n[0].isupper()]
@@ -110,7 +110,7 @@ def _build_one(label: str, options: Mapping[str, Any], spec: InputSpec, where: s
     kwargs = dict(options)
     name = kwargs.pop("transform", label)
     where = f"{where}.{label}"
-    cls = _transform_class(name, where)
+    cls = transform_class(name, where)
     if "transforms" in kwargs:
         kwargs["transforms"] = build_transforms(kwargs["transforms"], spec, where=f"{where}.transforms")
     for key in SIZE_KEYS:

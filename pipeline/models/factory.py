@@ -9,6 +9,8 @@ classes).
 from __future__ import annotations
 
 import difflib
+import inspect
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,51 @@ from pipeline.errors import UserInputError
 
 class ModelError(UserInputError):
     """The configured model cannot be built."""
+
+
+def _unknown_model(name: str) -> ModelError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    return ModelError(
+        f"model.name={name!r} is not a known model.{hint} List them all with: python -m pipeline.inspect --list"
+    )
+
+
+def check_model(name: str, kwargs: Mapping[str, Any] | None) -> None:
+    """Raise ModelError for an unknown model.name, or a model.kwargs key the model does not take, before any data is
+    loaded: the model is built with the same arguments on the meta device (no memory, no weights, milliseconds)."""
+    import torch
+
+    if not timm.is_model(name):
+        raise _unknown_model(name)
+    if not kwargs:
+        return
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, **dict(kwargs))
+    except TypeError as error:
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if found is None:
+            return  # building it for real says what is wrong
+        key = found.group(1)
+        raise ModelError(
+            f"model.kwargs.{key}: {name} takes no argument {key!r}.{_close_arguments(name, key)}"
+        ) from None
+    except Exception:  # some models cannot be built on the meta device (e.g. they read a tensor's value)
+        return
+
+
+def _close_arguments(name: str, key: str) -> str:
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:
+        return ""
+    accepted = [p for p in inspect.signature(type(model).__init__).parameters if p not in ("self", "kwargs")]
+    close = difflib.get_close_matches(key, accepted, n=3)
+    return f" Did you mean {' or '.join(f'model.kwargs.{c}' for c in close)}?" if close else ""
 
 
 def create_model(
@@ -39,11 +86,7 @@ def create_model(
     from pipeline.models import weights as sources  # imports the hub client only when weights are used
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise ModelError(
-            f"model.name={name!r} is not a known model.{hint} List them all with: python -m pipeline.inspect --list"
-        )
+        raise _unknown_model(name)
     from_hub = pretrained and weights is None
     # Checked before building: offline, timm would retry the download for most of a minute before failing.
     overlay = sources.hub_weights(name) if from_hub else None

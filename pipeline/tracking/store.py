@@ -1,18 +1,22 @@
-"""Where runs go: the tracking store (a local sqlite file or a server), checked before any work starts.
+"""Where runs go: the tracking store (a local sqlite file, a database, or a server), checked before any work starts.
 
-A server that is down, refuses the credentials or has lost its database is a clear error naming the URI, not a
-traceback after training. This module is the one place that reads a `sqlite:///` URI.
+A server that is down, refuses the credentials or has lost its database, a database driver that is not installed
+or a database that refuses the connection is a clear error naming the URI, not a traceback after training (MLflow
+itself retries a database for about two minutes). This module is the one place that reads a `sqlite:///` URI.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
+import tempfile
 from collections.abc import Mapping
 from contextlib import suppress
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pipeline.errors import UserInputError
 
@@ -27,6 +31,24 @@ HTTP_VARIABLES = {  # logger.http → MLflow's own variables, read by its client
     "timeout": "MLFLOW_HTTP_REQUEST_TIMEOUT",
 }
 CHECK_TIMEOUT_S = 10  # the check before a run: a server that does not answer in this time is reported
+DATABASE_DIALECTS = ("postgresql", "mysql", "mssql", "sqlite")  # the stores MLflow keeps through SQLAlchemy
+# The drivers SQLAlchemy can use for each database, best first: (its name after `+` in a URI, the module it imports,
+# the package that installs it). SQLAlchemy picks one when the URI names none: psycopg 3 for postgresql://.
+DRIVERS = {
+    "postgresql": (("psycopg2", "psycopg2", "psycopg2-binary"), ("psycopg", "psycopg", "psycopg[binary]")),
+    "mysql": (("pymysql", "pymysql", "PyMySQL"), ("mysqldb", "MySQLdb", "mysqlclient")),
+    "mssql": (("pyodbc", "pyodbc", "pyodbc"), ("pymssql", "pymssql", "pymssql")),
+}
+# Each driver's own name for "give up connecting after this many seconds"; without it a host that drops packets
+# holds the check for minutes.
+CONNECT_TIMEOUTS = {
+    "psycopg2": "connect_timeout",
+    "psycopg": "connect_timeout",
+    "pymysql": "connect_timeout",
+    "mysqldb": "connect_timeout",
+    "pyodbc": "timeout",
+    "pymssql": "login_timeout",
+}
 
 
 class TrackingError(UserInputError):
@@ -35,6 +57,12 @@ class TrackingError(UserInputError):
 
 def is_server(uri: str) -> bool:
     return uri.startswith(SERVER_SCHEMES)
+
+
+def database_dialect(uri: str) -> str | None:
+    """postgresql, mysql, mssql or sqlite for a database store (with or without `+driver`); None otherwise."""
+    dialect = urlsplit(uri).scheme.split("+")[0]
+    return dialect if dialect in DATABASE_DIALECTS else None
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -55,29 +83,123 @@ def prepare(uri: str, http: Mapping[str, Any]) -> None:
 
 
 def check_store(uri: str) -> None:
-    """Raise TrackingError unless runs can be logged to `uri`: a server answers its API, a local store's folder
-    is writable. Credentials belong in the environment, never in the URI (it is logged with the config)."""
-    if urlsplit(uri).password:
+    """Raise TrackingError unless runs can be logged to `uri`: a server answers its API, a database's driver is
+    installed and the database takes a connection, a local store's folder is writable. Credentials belong in the
+    environment, never in the URI (it is logged with the config)."""
+    parts = urlsplit(uri)
+    if parts.password or "password" in parse_qs(parts.query):
         raise TrackingError(
             "logger.tracking_uri contains a password: it would be logged and printed with the config. Remove it "
             "from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
             "(for a database URI: PGPASSWORD or ~/.pgpass)."
         )
+    dialect = database_dialect(uri)
+    if dialect is not None:
+        _check_driver(uri, dialect)
     database = sqlite_path(uri)
     if database is not None:
         _check_folder(uri, database)
+    elif dialect is not None:
+        _check_database(uri)
     elif uri.startswith(("http://", "https://")):
         _check_server(uri.rstrip("/"))
 
 
+def _store_error(uri: str, what: str, fix: str) -> TrackingError:
+    return TrackingError(f"MLflow store {uri} (logger.tracking_uri): {what}. {fix}.")
+
+
+def _check_driver(uri: str, dialect: str) -> None:
+    """The database driver the URI names (or SQLAlchemy's default for it) can be imported."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    scheme = urlsplit(uri).scheme
+    installed = [(name, package) for name, module, package in DRIVERS.get(dialect, ()) if find_spec(module)]
+    rest = uri[len(scheme) :]
+    if installed:
+        fix = f"Name an installed driver in the URI: logger.tracking_uri={dialect}+{installed[0][0]}{rest}"
+    else:
+        packages = " or ".join(package for _, _, package in DRIVERS.get(dialect, ()))
+        fix = f"Install a driver ({packages or 'see SQLAlchemy dialects'}) and name it in the URI ({dialect}+<driver>)"
+    try:
+        loader = make_url(uri).get_dialect()
+    except NoSuchModuleError:
+        raise _store_error(uri, f"SQLAlchemy has no database driver named by {scheme}://", fix) from None
+    except ArgumentError as error:
+        raise _store_error(uri, f"not a database URI SQLAlchemy can read ({error})", "Correct it") from None
+    try:
+        loader.import_dbapi()
+    except ImportError as error:
+        raise _store_error(
+            uri, f"SQLAlchemy reads {scheme}:// with the driver {loader.driver}, which is not installed ({error})", fix
+        ) from None
+
+
+def _check_database(uri: str) -> None:
+    """One connection to a database server, given up after CHECK_TIMEOUT_S."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    timeout = CONNECT_TIMEOUTS.get(make_url(uri).get_dialect().driver)
+    engine = create_engine(uri, poolclass=NullPool, connect_args={timeout: CHECK_TIMEOUT_S} if timeout else {})
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as error:
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())[:300]
+        raise _store_error(uri, f"cannot connect to the database ({reason})", _database_fix(reason)) from None
+    finally:
+        engine.dispose()
+
+
+def _database_fix(reason: str) -> str:
+    if "does not exist" in reason or "Unknown database" in reason:
+        return (
+            "Create it on the database server (for PostgreSQL: createdb, CREATE ROLE), or correct the user and "
+            "database in logger.tracking_uri"
+        )
+    if "password" in reason:
+        return "Give the password in the environment (PGPASSWORD or ~/.pgpass for PostgreSQL), never in the URI"
+    return (
+        "Start the database server, or correct the host and port in logger.tracking_uri (or MLFLOW_TRACKING_URI); "
+        f"a server that does not answer within {CHECK_TIMEOUT_S} s is reported as a timeout"
+    )
+
+
 def _check_folder(uri: str, database: Path) -> None:
-    """Nothing is created here: a run that fails before it starts leaves no store behind (open_run creates it)."""
-    fix = "choose a writable place: paths.mlflow_dir=<folder> or logger.tracking_uri=sqlite:///<folder>/mlflow.db"
+    """Nothing is left here: a run that fails before it starts leaves no store behind (open_run creates it)."""
+    fix = "Choose a writable place: paths.mlflow_dir=<folder> or logger.tracking_uri=sqlite:///<folder>/mlflow.db"
     existing = database if database.exists() else next(p for p in database.parents if p.exists())
-    if not existing.is_dir() and existing != database:
-        raise TrackingError(f"MLflow store {uri}: cannot create {database.parent}: {existing} is a file; {fix}")
-    if not os.access(existing, os.W_OK):
-        raise TrackingError(f"MLflow store {uri}: {existing} is not writable; {fix}")
+    if existing == database:
+        if not database.is_file():
+            raise _store_error(uri, f"{database} is not a file", fix)
+        _check_sqlite_file(uri, database, fix)
+        existing = database.parent  # SQLite writes its journal beside the database
+    elif not existing.is_dir():
+        raise _store_error(uri, f"cannot create {database.parent}: {existing} is a file", fix)
+    # os.access answers from permission bits alone: root "may" write to /proc or a read-only mount, and cannot.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise _store_error(uri, f"cannot write in {existing} ({error.strerror})", fix) from None
+
+
+def _check_sqlite_file(uri: str, database: Path, fix: str) -> None:
+    """An existing store must be an SQLite database (read only: a busy one is fine)."""
+    try:
+        with suppress(sqlite3.OperationalError):  # locked by a run writing to it: it is a database
+            connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+            try:
+                connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                connection.close()
+    except sqlite3.DatabaseError as error:
+        what = f"{database} is not an SQLite database ({error})"
+        raise _store_error(uri, what, f"Move that file away, or point elsewhere. {fix}") from None
 
 
 def make_store_folder(uri: str) -> None:
