@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
-from pipeline.sweep.driver import run_sweep
+from pipeline.sweep.driver import SweepFailed, run_sweep
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sweep", version_base="1.3")
@@ -28,6 +28,9 @@ def main(cfg: DictConfig) -> None:
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except SweepFailed as error:  # the parent run is marked FAILED
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_status)
     state = outcome["state"]
     print(f"\nBest trial: {' '.join(outcome['best_overrides'])}")
     print(f"Trials table: {state.folder}/trials.csv")
