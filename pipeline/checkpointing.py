@@ -42,8 +42,9 @@ def nonfinite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
     if not named:
         return []
     # One reduction per tensor, read back once: a read per tensor would wait on the GPU a hundred times.
-    finite = torch.stack([torch.isfinite(tensor).all().to("cpu", non_blocking=True) for _, tensor in named])
-    return [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+    flags = [torch.isfinite(tensor).all() for _, tensor in named]
+    finite = torch.stack([flag.to(flags[0].device) for flag in flags]).cpu().tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
 
 def temporary_path(path: Path) -> Path:

@@ -217,6 +217,32 @@ def freeze_inside_a_checkpoint_write(process: subprocess.Popen[str], folder: Pat
         time.sleep(0.001)
 
 
+def test_torn_checkpoints_are_named_and_skipped_for_the_newest_sound_one(root: Path) -> None:
+    """What an older version, a copy cut short or a full disk elsewhere may have left: resume= never takes it."""
+    tiny = (*SETTINGS[1:], "trainer.max_epochs=2")
+    first = run_cli("pipeline.train", *tiny, root=root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = all_runs(store_uri(root))
+    folder = Path(run.data.tags["output_dir"]) / "checkpoints"
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # torn
+    (folder / "interrupted.ckpt").write_bytes(b"")  # empty, and the newest
+    (best,) = folder.glob("best-*.ckpt")
+
+    given = run_cli("pipeline.train", f"resume={last}", *tiny, root=root)
+    assert given.returncode == 2 and "Traceback" not in given.stderr, given.stderr[-3000:]
+    assert "the training cannot continue from it: it cannot be read" in given.stderr
+    assert f"Give resume={best}" in given.stderr, "names the sound one"
+
+    resumed = run_cli("pipeline.train", f"resume={run.info.run_id}", *tiny, "trainer.max_epochs=3", root=root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipped {folder / 'interrupted.ckpt'}: it is empty (0 bytes)" in resumed.stderr
+    assert f"skipped {last}: it cannot be read" in resumed.stderr
+    ended = mlflow.MlflowClient(store_uri(root)).get_run(run.info.run_id)
+    assert ended.info.status == "FINISHED" and ended.data.tags["resumed_from"] == str(best)
+    assert problem(last) is None, "written whole again by the resumed run"
+
+
 @as_root
 def test_a_disk_that_fills_up_mid_run_tears_nothing_and_the_run_resumes(
     root: Path, reference: dict[str, float]
