@@ -1,8 +1,8 @@
 """python -m pipeline.train [overrides]: compose the config, run(cfg), print the result.
 
-Exit status: 0 trained and tracked; 2 an error the message explains (config, data, tracking server, a
-diverged loss); 3 trained, but the tracking server lacks part of the run: the message names the pipeline.sync
-command that uploads it.
+Exit status: 0 trained and tracked; 2 an error the message explains (config, data, tracking server, resume=, a
+diverged loss, a full disk); 3 trained, but the tracking server lacks part of the run: the message names the
+pipeline.sync command that uploads it.
 """
 
 from __future__ import annotations

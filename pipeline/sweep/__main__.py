@@ -5,6 +5,10 @@ experiment and the sweep's parent run, and lets Ray Tune run trials. Each trial 
 with its sampled overrides and calls run(cfg), reporting every epoch to Tune (for ASHA) with a checkpoint
 (for retries). At the end the driver records every trial on the parent run and writes the best trial's
 config as a YAML that pipeline.train accepts as it is.
+
+Exit status: 0 done; 2 an error the message explains (config, search space, tracking store), or every trial failed
+because of its config (e.g. a diverged loss); 1 every trial failed otherwise. With no successful trial there is no
+best config, and the parent run is FAILED.
 """
 
 from __future__ import annotations
