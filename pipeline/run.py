@@ -54,7 +54,8 @@ class CheckpointOnException(Callback):
 
     Lightning's OnExceptionCheckpoint does the same but also makes every later `fit(ckpt_path=None)`
     silently resume from "last"; resuming is an explicit choice here. Nothing is saved when training had not
-    started (a checkpoint that failed to load would be overwritten by untrained weights), nor weights that are NaN.
+    started (a checkpoint that failed to load would be overwritten by untrained weights), nor when it diverged, nor
+    weights that are NaN.
     """
 
     def __init__(self, path: Path) -> None:
@@ -65,7 +66,7 @@ class CheckpointOnException(Callback):
         self.training = True  # a resumed checkpoint is restored by now
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not self.training:
+        if not self.training or isinstance(exception, TrainingDiverged):  # a diverged state is nothing to resume
             return
         checkpoint = internals.dump_checkpoint(trainer)
         if checkpointing.nonfinite_tensors(checkpoint):
@@ -222,9 +223,9 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
     validate(cfg)
     lead = is_first_process()
+    if lead:  # a server that is down fails now, not later (nor as "no such run" for resume=<run id>)
+        prepare(str(cfg.logger.tracking_uri), cfg.logger.http)
     cfg = resume.resolve(cfg, lead)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
-    if lead:
-        prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)

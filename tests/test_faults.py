@@ -342,9 +342,16 @@ def test_a_run_killed_while_its_tracking_server_is_down_resumes_with_every_point
         stop(server, signal.SIGKILL)  # the server dies mid-run, and the run is killed while it is down:
         kill(process)  # what it recorded but had not sent yet is only on its disk
         wait_until_closed(port)
+        output = output_folder(root)
+        before = {p: p.stat().st_mtime_ns for p in output.rglob("*")}
+        run_id = next(output.glob(f"{RECORD_FOLDER}/*")).name
+        early = run_cli("pipeline.train", f"resume={run_id}", *settings, root=root)  # the server still down
+        assert early.returncode == 2 and "Traceback" not in early.stderr, early.stderr[-3000:]
+        assert "cannot connect (connection refused)" in early.stderr
+        assert {p: p.stat().st_mtime_ns for p in output.rglob("*")} == before, "nothing changed"
         url, server = start(postgres.tcp_uri, artifacts, port=port)  # the server comes back
         (killed,) = all_runs(url)
-        record = RunRecord.load(next(output_folder(root).glob(f"{RECORD_FOLDER}/*")))
+        record = RunRecord.load(next(output.glob(f"{RECORD_FOLDER}/*")))
 
         assert_resumes_to_the_reference(root, killed.info.run_id, reference, url)
         client = mlflow.MlflowClient(url)
