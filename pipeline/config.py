@@ -13,6 +13,7 @@ import difflib
 import inspect
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from pipeline.errors import UserInputError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(path), replace=True)
+# A few random hex digits that tell apart commands started in the same second from one folder (sweeps, CI jobs and
+# schedulers do it all the time): with the time alone they would share one output folder. Cached, so one config
+# resolves one value however often it is read.
+OmegaConf.register_new_resolver("run_token", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 PRECISIONS = (
     "32-true",

@@ -132,9 +132,11 @@ class ImageClassifier(L.LightningModule):
         # The epoch's training values are logged with its last batch, not in on_train_epoch_end: Lightning calls
         # that hook of callbacks (Ray Tune's report, the sweep's per-epoch report) before the module's.
         if batch_idx + 1 >= self.trainer.num_training_batches:
+            self._stop_if_diverged()
             self._log_epoch(self.train_metrics)
 
-    def on_train_epoch_end(self) -> None:
+    def _stop_if_diverged(self) -> None:
+        # At the epoch's last batch: before its validation and its checkpoints, which would hold the NaN weights.
         # Counted on the device and read once an epoch: a per-step check would synchronise the GPU.
         bad = int(self._nonfinite_steps.item())
         self._nonfinite_steps.zero_()
@@ -142,8 +144,7 @@ class ImageClassifier(L.LightningModule):
             raise TrainingDiverged(
                 f"train/loss was NaN or infinite in {bad} step(s) of epoch {self.current_epoch}: training "
                 "diverged. "
-                "Lower optim.lr, set trainer.gradient_clip_val, or check the input data for NaN/inf. "
-                "Checkpoints of the earlier epochs are kept."
+                "Lower optim.lr, set trainer.gradient_clip_val, or check the input data for NaN/inf."
             )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

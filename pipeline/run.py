@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline import internals, resume
+from pipeline import checkpointing, internals, resume
+from pipeline.checkpointing import AtomicCheckpointIO
 from pipeline.cli import progress_bar
 from pipeline.config import ConfigError, check_arguments, validate
 from pipeline.data.datamodule import ImageDataModule
@@ -35,6 +36,7 @@ from pipeline.distributed import (
     single_process_tester,
 )
 from pipeline.ema import ModelEma
+from pipeline.errors import TrainingDiverged
 from pipeline.finetune import BackboneFreeze
 from pipeline.models.factory import ModelError, create_model
 from pipeline.models.stats import count_flops, count_parameters
@@ -42,7 +44,7 @@ from pipeline.models.weights import WeightsError
 from pipeline.module import ImageClassifier, SchedulerFactory
 from pipeline.plots import confusion_matrix_png
 from pipeline.recipes import build_mixup, mixup_enabled, optimizer_factory
-from pipeline.resume import RandomStateCheckpoint
+from pipeline.resume import ConfigCheckpoint, RandomStateCheckpoint
 from pipeline.schedules import fit_warmup
 from pipeline.tracking.checkpoints import local_weights
 from pipeline.tracking.logger import RecordedMLFlowLogger
@@ -54,15 +56,30 @@ class CheckpointOnException(Callback):
     """Save the training state when fit is interrupted or crashes, so nothing trained is lost.
 
     Lightning's OnExceptionCheckpoint does the same but also makes every later `fit(ckpt_path=None)`
-    silently resume from "last"; resuming is an explicit choice here.
+    silently resume from "last"; resuming is an explicit choice here. Nothing is saved when training had not
+    started (a checkpoint that failed to load would be overwritten by untrained weights), nor when it diverged, nor
+    weights that are NaN.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.training = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.training = True  # a resumed checkpoint is restored by now
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # trainer.save_checkpoint would wait at a barrier for every rank: under DDP one may be dead.
-        trainer.strategy.save_checkpoint(internals.dump_checkpoint(trainer), self.path)
+        if not self.training or isinstance(exception, TrainingDiverged):  # a diverged state is nothing to resume
+            return
+        checkpoint = internals.dump_checkpoint(trainer)
+        if checkpointing.nonfinite_tensors(checkpoint):
+            print(f"note: {self.path.name} was not written: the weights are NaN or infinite", file=sys.stderr)
+            return
+        try:
+            # trainer.save_checkpoint would wait at a barrier for every rank: under DDP one may be dead.
+            trainer.strategy.save_checkpoint(checkpoint, self.path)
+        except OSError as error:  # e.g. the disk is full: what stopped the run is the error to report
+            print(f"note: {self.path.name} was not written: {error}", file=sys.stderr)
 
 
 PREVIEW_SAMPLES, PREVIEW_VIEWS = 6, 8  # the augmentation grid every run logs
@@ -81,20 +98,27 @@ class RunResult:
 def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True) -> list[Callback]:
     monitor, mode = cfg.monitor.metric, cfg.monitor.mode
     callbacks: list[Callback] = [
-        ModelCheckpoint(
+        ModelCheckpoint(  # first: trainer.checkpoint_callback, whose best checkpoint is tested
             dirpath=checkpoint_dir,
             filename="best-epoch{epoch:03d}",
             auto_insert_metric_name=False,
             monitor=monitor,
             mode=mode,
             save_top_k=OmegaConf.select(cfg, "checkpoint.save_top_k", default=1),  # configs written before it: 1
-            save_last=cfg.checkpoint.save_last,
         ),
         CheckpointOnException(checkpoint_dir / "interrupted.ckpt"),
         RandomStateCheckpoint(),
+        ConfigCheckpoint(cfg),
         *([LearningRateMonitor(logging_interval="epoch")] if tracked else []),
         BackboneFreeze(cfg.finetune.unfreeze_epoch),  # conf/finetune: which parameters train when
     ]
+    if cfg.checkpoint.save_last:
+        # last.ckpt after every epoch. Not ModelCheckpoint(save_last=True) on the callback above: with a monitored
+        # metric, Lightning 2.6 writes last.ckpt only in the epochs where that metric improved. Lightning runs
+        # checkpoint callbacks after the others, in this order: the best one first, so last.ckpt holds its state.
+        callbacks.append(
+            ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, enable_version_counter=False)
+        )
     if cfg.early_stopping.patience is not None:
         callbacks.append(
             EarlyStopping(
@@ -215,6 +239,7 @@ def build_trainer(
     arguments = instantiate(cfg.trainer, _convert_="all")  # a strategy given by _target_ becomes its object
     trainer = L.Trainer(
         **arguments,
+        plugins=[AtomicCheckpointIO()],  # checkpoints written whole or not at all, never with NaN weights
         logger=logger or False,
         callbacks=[*build_callbacks(cfg, output_dir / "checkpoints", tracked=logger is not None), *callbacks],
         default_root_dir=output_dir,
@@ -262,11 +287,11 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
     validate(cfg)
     check_arguments(cfg)  # a key added with + that its optimizer, schedule, trainer… does not take fails here
-    cfg = resume.resolve(cfg)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
     callbacks = [*declared_callbacks(cfg), *callbacks]
     lead = is_first_process()
-    if lead:
-        prepare(str(cfg.logger.tracking_uri), cfg.logger.http)  # a server that is down fails now, not later
+    if lead:  # a server that is down fails now, not later (nor as "no such run" for resume=<run id>)
+        prepare(str(cfg.logger.tracking_uri), cfg.logger.http)
+    cfg = resume.resolve(cfg, lead)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
@@ -291,55 +316,65 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         channels_last=OmegaConf.select(cfg, "perf.channels_last", default=False),
         compile=OmegaConf.select(cfg, "perf.compile", default=False),
     )
+    if cfg.resume is not None:
+        resume.check_fits(module, cfg.resume)  # before anything is written into the run's folder
     if not lead:
         return follow(cfg, module, datamodule, callbacks)
-    # model/trainable_params is logged every epoch by the fine-tuning callback: it changes with finetune.
-    cost = {"model/params": count_parameters(model)[0], "model/flops": inputs.flops}
-    preview = save_augmentation_grid(
-        output_dir / "augmentation_preview.png",
-        splits.train,
-        PREVIEW_SAMPLES,
-        cfg.aug.train,
-        spec,
-        views=PREVIEW_VIEWS,
-        seed=cfg.seed,
-        title=f"aug={cfg.aug.name}: training images of {cfg.data.name}",
-    )
+    opened: list[RecordedMLFlowLogger] = []  # the run once it is opened: a full disk is reported with its id
+    with resume.disk_full_explained(output_dir, opened):
+        # model/trainable_params is logged every epoch by the fine-tuning callback: it changes with finetune.
+        cost = {"model/params": count_parameters(model)[0], "model/flops": inputs.flops}
+        preview = save_augmentation_grid(
+            output_dir / "augmentation_preview.png",
+            splits.train,
+            PREVIEW_SAMPLES,
+            cfg.aug.train,
+            spec,
+            views=PREVIEW_VIEWS,
+            seed=cfg.seed,
+            title=f"aug={cfg.aug.name}: training images of {cfg.data.name}",
+        )
 
-    logger = open_training_run(cfg)
-    with recorded_status(logger.end):
-        log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
-        logger.log_hyperparams(schedule_params)
-        log_files(logger, {"figures": preview})
-        trainer = build_trainer(cfg, output_dir, logger, callbacks)
-        print(
-            describe_batch(
-                cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
-            ),
-            flush=True,
-        )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
-        best = trainer.checkpoint_callback.best_model_path or None
-        tester = single_process_tester(
-            trainer, instantiate(cfg.trainer, _convert_="all"), progress_bar(cfg.progress), logger
-        )
-        test_metrics = tester.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
-        confusion_counts = module.test_confusion.compute().cpu().numpy()
-        test_metrics["test/samples"] = float(confusion_counts.sum())  # every test image once, whatever the ranks
-        logger.log_metrics({"test/samples": test_metrics["test/samples"]}, step=trainer.global_step)
-        confusion = confusion_matrix_png(
-            confusion_counts,
-            splits.classes,
-            output_dir / "confusion_matrix.png",
-            title=f"{cfg.model.name} on {cfg.data.name} (test)",
-        )
-        log_files(logger, {"figures": confusion})
-        if best and cfg.logger.log_checkpoint:
-            log_files(logger, {"checkpoints": Path(best)})
-        logger.set_tag("checkpoint.weights", "ema" if OmegaConf.select(cfg, "ema.enabled") else "live")
-        profiles = getattr(trainer.profiler, "dirpath", None)  # debug=profile: the profiler's reports
-        for report in sorted(Path(profiles).glob("*.txt")) if profiles else ():
-            log_files(logger, {"profile": report})
+        logger = open_training_run(cfg)
+        opened.append(logger)
+        with recorded_status(logger.end):
+            log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
+            logger.log_hyperparams(schedule_params)
+            log_files(logger, {"figures": preview})
+            trainer = build_trainer(cfg, output_dir, logger, callbacks)
+            print(
+                describe_batch(
+                    cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
+                ),
+                flush=True,
+            )
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+            except TrainingDiverged as error:  # say what is kept, rather than promise it
+                raise TrainingDiverged(f"{error} {resume.what_is_kept(output_dir)}") from error
+            best = trainer.checkpoint_callback.best_model_path or None
+            tester = single_process_tester(
+                trainer, instantiate(cfg.trainer, _convert_="all"), progress_bar(cfg.progress), logger
+            )
+            test_metrics = tester.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[
+                0
+            ]
+            confusion_counts = module.test_confusion.compute().cpu().numpy()
+            test_metrics["test/samples"] = float(confusion_counts.sum())  # every test image once, whatever the ranks
+            logger.log_metrics({"test/samples": test_metrics["test/samples"]}, step=trainer.global_step)
+            confusion = confusion_matrix_png(
+                confusion_counts,
+                splits.classes,
+                output_dir / "confusion_matrix.png",
+                title=f"{cfg.model.name} on {cfg.data.name} (test)",
+            )
+            log_files(logger, {"figures": confusion})
+            if best and cfg.logger.log_checkpoint:
+                log_files(logger, {"checkpoints": Path(best)})
+            logger.set_tag("checkpoint.weights", "ema" if OmegaConf.select(cfg, "ema.enabled") else "live")
+            profiles = getattr(trainer.profiler, "dirpath", None)  # debug=profile: the profiler's reports
+            for report in sorted(Path(profiles).glob("*.txt")) if profiles else ():
+                log_files(logger, {"profile": report})
 
     best_score = trainer.checkpoint_callback.best_model_score
     metrics = {name: float(value) for name, value in test_metrics.items()}

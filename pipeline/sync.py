@@ -1,4 +1,5 @@
 """python -m pipeline.sync FOLDER [--tracking-uri URI]: upload runs kept on local disk to MLflow.
+python -m pipeline.sync --close-stale | --close-run RUN_ID: end runs left RUNNING by processes that were killed.
 
 Every run keeps what it logs in `<output folder>/mlflow/<run id>/` as well as sending it (pipeline.tracking.record).
 When the tracking server failed for good during a run, the run went on and ended with this command. It uploads
@@ -6,11 +7,16 @@ the params, tags, every metric point (its step and time included) and the artifa
 the server has it, else into a new run of the same experiment, and sets the run's final status. What the server
 already holds is not sent twice, so running it again is harmless. FOLDER may hold many runs (a sweep's folder,
 outputs/): each is synced.
+
+A process killed outright cannot end its run. The next command that opens the store on the same host ends it
+(tracking.processes); `--close-stale` does the same on demand and lists the RUNNING runs of other hosts, which only
+their own host can judge; `--close-run` ends one of those once its user knows its process is gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +25,10 @@ from mlflow.entities import Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import UserInputError
+from pipeline.tracking import processes
+from pipeline.tracking.checkpoints import get_run
 from pipeline.tracking.logger import SENT_ERRORS
+from pipeline.tracking.processes import close_stale_runs
 from pipeline.tracking.record import (
     MAX_METRICS_PER_CALL,
     MAX_PARAMS_PER_CALL,
@@ -27,7 +36,7 @@ from pipeline.tracking.record import (
     RunRecord,
     chunks,
 )
-from pipeline.tracking.store import check_store, ensure_experiment, sqlite_path
+from pipeline.tracking.store import check_store, ensure_experiment, existing_store_client, sqlite_path
 
 RUN_NAME_TAG = "mlflow.runName"
 
@@ -98,17 +107,78 @@ def sync(record: RunRecord, uri: str) -> str:
     return summary + (f"; missing files, not uploaded: {', '.join(missing)}" if missing else "")
 
 
+def default_store() -> str:
+    """The store pipeline.train logs to when run from this folder (conf/logger/mlflow.yaml)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+def close_runs(uri: str, stale: bool, run_ids: list[str]) -> None:
+    """--close-stale: end the RUNNING runs of this host whose process is gone, and list those of other hosts;
+    --close-run: end these runs, whose process their user knows is gone (refused when it is alive here)."""
+    check_store(uri)
+    client = existing_store_client(uri, "--tracking-uri")
+    if stale:
+        notes, unknown = close_stale_runs(client, everywhere=True)
+        for note in notes:
+            print(note)
+        for run in unknown:
+            print(
+                f"run {run.info.run_id} ({run.info.run_name}) is RUNNING in "
+                f"{processes.describe(processes.recorded_process(run))}, which cannot be checked from here. If that "
+                f"process is gone: python -m pipeline.sync --close-run {run.info.run_id}"
+            )
+        print(f"{sum(' marked KILLED' in note for note in notes)} runs ended KILLED; {len(unknown)} left RUNNING")
+    for run_id in run_ids:
+        run = get_run(client, run_id, f"--close-run {run_id}")
+        recorded = processes.recorded_process(run)
+        if run.info.status != "RUNNING":
+            print(f"run {run_id} is {run.info.status} already")
+        elif processes.verdict(recorded) == "alive":
+            raise UserInputError(
+                f"--close-run {run_id}: its {processes.describe(recorded)} is alive. Stop it (kill -TERM "
+                f"{recorded.get('pid') if recorded else '<pid>'}): it ends the run itself."
+            )
+        else:
+            why = f"ended by hand (python -m pipeline.sync --close-run): {processes.describe(recorded)} was gone"
+            processes.close(client, run, why)
+            print(f"run {run_id} ({run.info.run_name}) marked KILLED")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.sync",
-        description="Upload runs kept on local disk (<output folder>/mlflow/<run id>/) to an MLflow tracking store.",
+        description="Upload runs kept on local disk (<output folder>/mlflow/<run id>/) to an MLflow tracking store; "
+        "end runs left RUNNING by processes that were killed.",
     )
-    parser.add_argument("folder", type=Path, help="a run's output folder, or any folder above runs (e.g. a sweep's)")
     parser.add_argument(
-        "--tracking-uri", help="upload here instead of the store each run was logging to (e.g. the server moved)"
+        "folder", type=Path, nargs="?", help="a run's output folder, or any folder above runs (e.g. a sweep's)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="upload here instead of the store each run was logging to (e.g. the server moved); with --close-*: "
+        "the store to look in (default: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)",
+    )
+    parser.add_argument(
+        "--close-stale",
+        action="store_true",
+        help="end (KILLED) the RUNNING runs started on this host whose process is gone, and list the RUNNING runs "
+        "of other hosts",
+    )
+    parser.add_argument(
+        "--close-run",
+        action="append",
+        default=[],
+        metavar="RUN_ID",
+        help="end (KILLED) this RUNNING run, whose process is gone (e.g. its host was lost); repeatable",
     )
     args = parser.parse_args(argv)
+    if args.folder is None and not (args.close_stale or args.close_run):
+        parser.error("give a FOLDER to upload, or --close-stale / --close-run RUN_ID")
     try:
+        if args.close_stale or args.close_run:
+            close_runs(args.tracking_uri or default_store(), args.close_stale, args.close_run)
+        if args.folder is None:
+            return
         records = find_records(args.folder)
         if not records:
             raise UserInputError(

@@ -1,8 +1,8 @@
 """python -m pipeline.train [overrides]: compose the config, run(cfg), print the result.
 
-Exit status: 0 trained and tracked; 2 an error the message explains (config, data, tracking server, a
-diverged loss); 3 trained, but the tracking server lacks part of the run: the message names the pipeline.sync
-command that uploads it.
+Exit status: 0 trained and tracked; 2 an error the message explains (config, data, tracking server, resume=, a
+diverged loss, a full disk); 3 trained, but the tracking server lacks part of the run: the message names the
+pipeline.sync command that uploads it.
 
 With -m (Hydra's multirun) every job is such a run; a job that fails is reported and the others still run. Exit
 status: 0 every job trained and tracked; 1 some failed (the table at the end names them and why); 3 every job

@@ -56,12 +56,61 @@ def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, 
         assert only_run(root).info.status == "FINISHED"
 
 
-def test_diverging_run_fails_with_advice_and_is_marked_failed(root: Path) -> None:
-    done = run_cli("pipeline.train", "optim.lr=1e6", "trainer.max_epochs=3", root=root)
-    assert done.returncode == 2
-    assert "training diverged" in done.stderr and "Lower optim.lr" in done.stderr
+TINY = ("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+
+
+@pytest.mark.parametrize(
+    ("lr", "diverged", "kept"),
+    [
+        ("1e20", "of epoch 0: training diverged", "No checkpoint was written before it."),
+        ("1e6", "of epoch 1: training diverged", "Kept from before it: "),
+    ],
+)
+def test_a_diverging_run_keeps_no_nan_checkpoint_and_says_what_it_kept(
+    root: Path, lr: str, diverged: str, kept: str
+) -> None:
+    steep = (f"optim.lr={lr}", "model.kwargs.act=relu", "scheduler.warmup_epochs=0", "trainer.max_epochs=3")
+    done = run_cli("pipeline.train", *steep, *TINY, root=root)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert diverged in done.stderr and "Lower optim.lr" in done.stderr and kept in done.stderr
     assert only_run(root).info.status == "FAILED"
-    assert "interrupted.ckpt" in checkpoints(root)
+    from pipeline.checkpointing import problem
+
+    kept_files = list(root.glob("outputs/*/*/checkpoints/*.ckpt"))
+    assert "interrupted.ckpt" not in {p.name for p in kept_files}, "no checkpoint of NaN weights"
+    assert [problem(p) for p in kept_files] == [None] * len(kept_files), "every one kept can be resumed"
+    if not kept_files:
+        again = run_cli("pipeline.train", f"resume={only_run(root).info.run_id}", *TINY, root=root)
+        assert again.returncode == 2 and "holds no checkpoint" in again.stderr, again.stderr[-3000:]
+    else:
+        assert f"{kept_files[0].parent}/last.ckpt (epoch 0)" in done.stderr
+
+
+def test_last_checkpoint_is_written_every_epoch_whether_or_not_the_monitored_metric_improves(root: Path) -> None:
+    from pipeline.checkpointing import load
+    from pipeline.run import run
+    from tests.conftest import compose_in
+
+    # So small a learning rate that val/acc never changes: the best checkpoint stays the first epoch's.
+    result = run(compose_in(root, ["trainer.max_epochs=3", "optim.lr=1e-12", *TINY]))
+    folder = result.output_dir / "checkpoints"
+    assert {p.name for p in folder.iterdir()} == {"best-epoch000.ckpt", "last.ckpt"}
+    assert load(folder / "last.ckpt")["epoch"] == 2, "written after the last epoch too"
+
+
+def test_resume_into_another_network_is_refused_before_anything_is_written(root: Path) -> None:
+    from pipeline.run import run
+    from tests.conftest import compose_in
+
+    nin = run(compose_in(root, ["model=nin", "trainer.max_epochs=1", "scheduler.warmup_epochs=0", *TINY]))
+    before = {p: p.stat().st_mtime_ns for p in nin.output_dir.rglob("*")}
+    for given in (nin.run_id, nin.output_dir / "checkpoints" / "last.ckpt"):
+        done = run_cli("pipeline.train", f"resume={given}", "trainer.max_epochs=2", *TINY, root=root)  # lenet5
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert "model.name is nin there, lenet5 here" in done.stderr and "(model=nin resume=" in done.stderr
+    assert {p: p.stat().st_mtime_ns for p in nin.output_dir.rglob("*")} == before, "its folder untouched"
+    run_after = only_run(root)
+    assert run_after.info.status == "FINISHED" and run_after.data.params["model.name"] == "nin"
 
 
 def val_points(root: Path) -> int:

@@ -111,6 +111,21 @@ def test_bad_search_space_fails_before_ray_starts(root: Path, ray_tmp: str) -> N
     assert "Ray" not in output and not (root / "sweeps").exists()
 
 
+def test_sweep_whose_every_trial_fails_fails_and_names_no_best_trial(root: Path, ray_tmp: str) -> None:
+    diverging = ("sweep.params={optim.lr: 'interval(1e20, 1e21)'}", "model.kwargs.act=relu", "sweep.max_failures=0")
+    command = sweep_command(root, ray_tmp, "sweep.num_samples=2", "sweep.scheduler=fifo", *diverging)
+    process = isolated(command, root / "sweep.log")
+    assert process.wait(timeout=420) == 2, "the trials' config made them fail: a user's error"
+    output = (root / "sweep.log").read_text()
+    assert "error: every trial of sweep s failed (2 of 2)" in output and "training diverged" in output, output[-3000:]
+    assert "Best trial" not in output and not (root / "sweeps" / "s" / "best_config.yaml").exists()
+    parent, children = runs(root)
+    assert parent.info.status == "FAILED" and "every trial" in parent.data.tags["failure"]
+    assert "best/val/acc" not in parent.data.metrics
+    assert [child.info.status for child in children] == ["FAILED", "FAILED"]
+    assert {row["outcome"] for row in trial_table(root)} == {"failed"}
+
+
 def wait_for(condition: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -5,6 +5,10 @@ experiment and the sweep's parent run, and lets Ray Tune run trials. Each trial 
 with its sampled overrides and calls run(cfg), reporting every epoch to Tune (for ASHA) with a checkpoint
 (for retries). At the end the driver records every trial on the parent run and writes the best trial's
 config as a YAML that pipeline.train accepts as it is.
+
+Exit status: 0 done; 2 an error the message explains (config, search space, tracking store), or every trial failed
+because of its config (e.g. a diverged loss); 1 every trial failed otherwise. With no successful trial there is no
+best config, and the parent run is FAILED.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
-from pipeline.sweep.driver import run_sweep
+from pipeline.sweep.driver import SweepFailed, run_sweep
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sweep", version_base="1.3")
@@ -28,6 +32,9 @@ def main(cfg: DictConfig) -> None:
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except SweepFailed as error:  # the parent run is marked FAILED
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_status)
     state = outcome["state"]
     print(f"\nBest trial: {' '.join(outcome['best_overrides'])}")
     print(f"Trials table: {state.folder}/trials.csv")

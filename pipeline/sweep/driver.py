@@ -12,10 +12,33 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR, compose
+from pipeline.errors import TrainingDiverged, UserInputError
 from pipeline.sweep.state import SweepState, locate, new_state, tune_name
 from pipeline.sweep.trial import train_trial
 
 DRIVER_CPU = 0.01  # what a trial spread over Ray Train workers asks for itself
+
+
+class SweepFailed(Exception):
+    """No trial of the sweep succeeded: there is no best trial. `exit_status` is 2 when the first trial's error is
+    one its config caused (a diverged loss, a bad value), else 1."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+    @classmethod
+    def of(cls, state: SweepState, errors: list[BaseException | None]) -> SweepFailed:
+        # Ray wraps what the trial raised (RayTaskError); its `cause` is the trial's own exception.
+        causes = [getattr(error, "cause", None) or error for error in errors if error is not None]
+        first = causes[0] if causes else None
+        reason = str(first).strip().splitlines()[-1] if first is not None and str(first).strip() else repr(first)
+        return cls(
+            f"every trial of sweep {state.name} failed ({len(errors)} of {len(errors)}), so there is no best trial "
+            f"and no best_config.yaml. The first error: {reason} (every trial: {state.folder}/trials.csv and the "
+            "trials' MLflow runs)",
+            2 if isinstance(first, UserInputError | TrainingDiverged) else 1,
+        )
 
 
 def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bool) -> Any:
@@ -129,6 +152,11 @@ def run_sweep(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial_id"])
             writer.writeheader()
             writer.writerows(rows)
+        if not any(result.error is None for result in results):  # nothing to pick a best from
+            parent.log_files({"": table})
+            failure = SweepFailed.of(state, [result.error for result in results])
+            parent.set_tag("failure", str(failure))
+            raise failure
         figure = parallel_coordinates_png(
             rows, keys, state.settings["metric"], Path(state.folder) / "parallel_coordinates.png", state.name
         )

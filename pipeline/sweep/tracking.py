@@ -10,9 +10,11 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run
+from mlflow.exceptions import MlflowException
 
 from pipeline.sweep.state import SweepState
 from pipeline.tracking.logger import flatten
+from pipeline.tracking.processes import CLOSED_TAG, PROCESS_TAG, process_tag
 from pipeline.tracking.record import MAX_PARAM_LENGTH, MAX_PARAMS_PER_CALL, chunks, find_record, send_unsent
 from pipeline.tracking.runs import recorded_status
 from pipeline.tracking.store import artifact_location, ensure_experiment, make_store_folder, prepare
@@ -55,6 +57,9 @@ class ParentRun:
         for folder, path in files.items():
             self.client.log_artifact(self.run_id, str(path), folder or None)
 
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
     def log_best(self, overrides: list[str], score: float, metric: str) -> None:
         self.client.log_metric(self.run_id, f"best/{metric}", float(score))
         for override in overrides:
@@ -72,6 +77,9 @@ def open_parent_run(state: SweepState, tags: Mapping[str, str], resume: bool, ht
     make_store_folder(state.tracking_uri)
     client = MlflowClient(state.tracking_uri)
     if resume and state.parent_run_id:
+        client.set_tag(state.parent_run_id, PROCESS_TAG, process_tag())  # this driver now: see tracking.processes
+        with contextlib.suppress(MlflowException):  # ended KILLED after its driver died: running again now
+            client.delete_tag(state.parent_run_id, CLOSED_TAG)
         client.update_run(state.parent_run_id, status="RUNNING")
         return ParentRun(client, state.parent_run_id)
     artifacts = artifact_location(state.tracking_uri, Path(state.folder).parents[1] / "mlruns" / "artifacts")

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 
 from pipeline import internals
+from pipeline.tracking.processes import CLOSED_TAG, PROCESS_TAG, process_tag
 from pipeline.tracking.record import (
     MAX_METRICS_PER_CALL,
     MAX_PARAM_LENGTH,
@@ -72,12 +74,19 @@ class RecordedMLFlowLogger(MLFlowLogger):
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
         if continued:
+            # This process takes the run over: named before the run turns RUNNING, so no other command takes the
+            # run for one left RUNNING by the dead process it continues.
+            client.set_tag(self.run_id, PROCESS_TAG, process_tag())
+            with suppress(MlflowException):  # ended by another command after its process died: running again now
+                client.delete_tag(self.run_id, CLOSED_TAG)
             client.update_run(self.run_id, status="RUNNING")
         run = client.get_run(self.run_id)
         folder = self.output_dir / RECORD_FOLDER / self.run_id
         if (folder / "run.json").exists():  # a retried trial continues its own record
             self.record = RunRecord.load(folder)
             self.record.status, self.record.end_time = "RUNNING", None
+            self.record.tags[PROCESS_TAG] = run.data.tags.get(PROCESS_TAG, "")
+            self.record.tags.pop(CLOSED_TAG, None)
         else:
             folder.mkdir(parents=True, exist_ok=True)
             self.record = RunRecord(
@@ -205,7 +214,10 @@ class RecordedMLFlowLogger(MLFlowLogger):
     def end(self, status: str) -> None:
         self.flush()
         self.record.status, self.record.end_time = status, int(time.time() * 1000)
-        self.record.save()
+        try:
+            self.record.save()
+        except OSError as error:  # a full disk: MLflow must still hear the end, or the run stays RUNNING
+            print(f"warning: the run's record was not updated ({error})", file=sys.stderr, flush=True)
         self._send("ending the run", self.experiment.set_terminated, self.run_id, status, self.record.end_time)
 
     @rank_zero_only

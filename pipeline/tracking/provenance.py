@@ -9,6 +9,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from pipeline.tracking.processes import PROCESS_TAG, process_tag
+
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 KIND_TAG = "kind"  # what a run of ours is, when it is not a training: evaluation | comparison
 SOURCE_TAG = "source_run_id"  # the training run an evaluation evaluated
@@ -39,6 +41,7 @@ def run_tags(
         "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
         "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
         "host": platform.node(),
+        PROCESS_TAG: process_tag(),  # a run whose process is gone is ended KILLED by the next command on this host
         "output_dir": str(output_dir),  # where its checkpoints are: resume=<run id> looks there
         **{key: str(value) for key, value in what.items()},
     }

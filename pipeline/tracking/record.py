@@ -8,7 +8,9 @@ status), metrics.csv (every metric point, as logged) and files/ (the texts logge
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,8 +51,12 @@ class RunRecord:
         with self.lock:
             state = {key: getattr(self, key) for key in self.__dataclass_fields__ if key not in ("folder", "lock")}
             partial = self.folder / "run.json.partial"
-            partial.write_text(json.dumps(state, indent=2))
-            partial.replace(self.folder / "run.json")  # never half-written
+            try:
+                partial.write_text(json.dumps(state, indent=2))
+                partial.replace(self.folder / "run.json")  # never half-written
+            except OSError:  # e.g. a full disk: run.json keeps its last whole state
+                partial.unlink(missing_ok=True)
+                raise
 
     @classmethod
     def load(cls, folder: Path) -> RunRecord:
@@ -58,12 +64,23 @@ class RunRecord:
 
     def add_metrics(self, points: Sequence[Metric]) -> None:
         path = self.folder / "metrics.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as handle:
-            writer = csv.writer(handle)
-            if new:
-                writer.writerow(["key", "value", "step", "timestamp"])
-            writer.writerows([p.key, repr(p.value), p.step, p.timestamp] for p in points)
+        rows = io.StringIO(newline="")
+        writer = csv.writer(rows)
+        if not path.exists():
+            writer.writerow(["key", "value", "step", "timestamp"])
+        writer.writerows([p.key, repr(p.value), p.step, p.timestamp] for p in points)
+        data = memoryview(rows.getvalue().encode())
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(handle).st_size
+            try:
+                while data:
+                    data = data[os.write(handle, data) :]
+            except OSError:  # a full disk: no torn row is left for the next reader
+                os.ftruncate(handle, size)
+                raise
+        finally:
+            os.close(handle)
 
     def metrics(self) -> list[Metric]:
         path = self.folder / "metrics.csv"
@@ -71,7 +88,13 @@ class RunRecord:
             return []
         with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
-        return [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows]
+        points = []
+        for row in rows:
+            try:
+                points.append(Metric(row["key"], float(row["value"]), int(row["timestamp"]), int(row["step"])))
+            except (TypeError, ValueError):  # the row a process was killed (or a disk filled up) in the middle of
+                continue
+        return points
 
 
 def chunks(items: Sequence[object], size: int) -> list[Sequence[object]]:

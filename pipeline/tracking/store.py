@@ -76,10 +76,14 @@ def artifact_location(uri: str, local: str | Path) -> str | None:
 
 
 def prepare(uri: str, http: Mapping[str, Any]) -> None:
-    """Set how MLflow's client retries (logger.http), then check the store now, before any work."""
+    """Set how MLflow's client retries (logger.http), then check the store now, before any work, and end the runs
+    left RUNNING there by processes of this host that were killed (tracking.processes)."""
+    from pipeline.tracking.processes import close_stale
+
     for key, variable in HTTP_VARIABLES.items():
         os.environ[variable] = str(http[key])
     check_store(uri)
+    close_stale(uri)
 
 
 def check_store(uri: str) -> None:

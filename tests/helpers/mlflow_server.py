@@ -85,6 +85,17 @@ def stop(server: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None:
         os.killpg(server.pid, signal.SIGKILL)
 
 
+def wait_until_closed(port: int, timeout: float = 20) -> None:
+    """Until nothing listens on `port` any more (a server restarted on it must not meet the old one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"port {port} still open")
+
+
 @contextmanager
 def mlflow_server(
     backend_store_uri: str, artifacts: Path, port: int | None = None, startup_timeout: float = 90
