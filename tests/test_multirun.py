@@ -57,7 +57,7 @@ def test_a_bad_value_fails_its_job_only_and_the_exit_status_says_so(root: Path) 
     done, sweep = multirun(root, "optim.lr=0.05,-1,0.1")
 
     assert done.returncode == 1, done.stderr[-3000:]
-    assert "error: Invalid configuration:\n  optim.lr=-1: must be a number > 0" in done.stderr
+    assert "error: Invalid configuration: optim.lr=-1: must be a number > 0" in done.stderr
     assert "error: 1 of 3 jobs failed (#1); the others ran" in done.stderr
     assert "Traceback" not in done.stderr, "a user's mistake is a message, also in a multirun"
     assert f"Multirun: 3 jobs in {sweep}" in done.stdout
