@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test lint format clean-runs
+.PHONY: train test test-fast lint format clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(VENV)/.dev  ## lint, then the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(VENV)/.dev  ## lint, then every test that neither starts processes nor trains (the minutes-long loop)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not e2e and not slow" $(ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -87,6 +87,7 @@ def test_loader_workers_draw_different_augmentations_reproducibly() -> None:
     assert torch.equal(views, first_batch(dataset, workers=2)), "and the same seed gives the same stream"
 
 
+@pytest.mark.e2e
 def test_preview_cli_writes_a_real_png(root: Path) -> None:
     path = root / "preview.png"
     done = run_cli(

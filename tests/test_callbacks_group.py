@@ -40,6 +40,7 @@ class CallbackKinds(Callback):
         self.kinds = {type(callback) for callback in trainer.callbacks}
 
 
+@pytest.mark.slow
 def test_swa_from_the_command_line_trains_beside_the_pipelines_own_callbacks(root: Path) -> None:
     kinds = CallbackKinds()
     # SWA from the second of 3 epochs, its learning rate reached after one epoch of annealing
@@ -99,6 +100,7 @@ def test_an_entry_without_a_target_is_a_config_error(root: Path) -> None:
         validate(compose_in(root, ["+callbacks.swa=0.01"]))
 
 
+@pytest.mark.e2e
 @pytest.mark.fresh_store
 def test_a_bad_target_stops_the_cli_with_exit_2_before_anything_is_tracked(root: Path) -> None:
     done = run_cli("pipeline.train", "+callbacks.swa._target_=lightning.pytorch.callbacks.Swa", root=root)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from pipeline.run import run
 from tests.conftest import compose_in, store_uri
+
+pytestmark = pytest.mark.slow
 
 
 def test_two_best_checkpoints_are_kept_and_the_best_is_tested_and_logged(root: Path) -> None:

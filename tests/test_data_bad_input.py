@@ -127,6 +127,7 @@ def test_a_folder_with_one_class_is_an_error_naming_it(tree: Path) -> None:
         load_image_folder(tree)
 
 
+@pytest.mark.e2e
 @pytest.mark.fresh_store
 def test_training_on_one_class_stops_at_load_time_without_a_run(tree: Path, root: Path) -> None:
     for path in (tree / "dog").iterdir():
@@ -171,6 +172,7 @@ def test_a_file_name_that_is_not_utf8_is_read_and_recorded_escaped(tree: Path) -
     assert printable(os.fsencode(tree / "cat") + b"/caf\xe9.png") == good
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_folder_with_names_that_are_not_utf8_trains_and_logs_them_escaped(tree: Path, root: Path) -> None:
     _, broken = names_that_are_not_utf8(tree)
@@ -220,6 +222,7 @@ def test_max_image_pixels_is_the_limit(tree: Path) -> None:
         load_image_folder(tree, max_image_pixels=0)
 
 
+@pytest.mark.e2e
 @pytest.mark.fresh_store
 def test_training_on_a_folder_with_a_bomb_stops_at_load_without_a_run(tree: Path, root: Path) -> None:
     bomb = decompression_bomb(tree / "dog" / "bomb.png")

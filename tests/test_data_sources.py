@@ -261,6 +261,7 @@ def test_truncated_standard_files_are_named_as_damaged_not_missing(
     assert f"promises {whole:,})" in str(error.value)
 
 
+@pytest.mark.e2e
 @pytest.mark.fresh_store
 def test_training_on_truncated_cifar_files_stops_at_load_without_a_run(root: Path) -> None:
     folder = root / "data" / CIFAR10.base_folder

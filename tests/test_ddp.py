@@ -15,7 +15,10 @@ import pytest
 from tests.conftest import QUIET, store_uri
 from tests.helpers.isolation import isolated, run_isolated
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (gloo's isolation) need root")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (gloo's isolation) need root"),
+]
 
 TEST_IMAGES = 270  # the digits' test split
 SHORT = ["trainer.max_epochs=8", "logger.log_checkpoint=false"]

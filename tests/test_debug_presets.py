@@ -29,6 +29,7 @@ def test_every_debug_preset_composes(root: Path) -> None:
         assert cfg.progress == "none" and cfg.data.num_workers == 0 and not cfg.trainer.enable_model_summary
 
 
+@pytest.mark.e2e
 def test_fast_runs_one_batch_of_each_split_without_a_best_checkpoint(root: Path) -> None:
     done = run_cli("pipeline.train", "debug=fast", root=root)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -38,6 +39,7 @@ def test_fast_runs_one_batch_of_each_split_without_a_best_checkpoint(root: Path)
     assert run.data.tags["debug"] == "fast"
 
 
+@pytest.mark.e2e
 def test_limit_trains_on_a_fraction_and_tests(root: Path) -> None:
     done = run_cli("pipeline.train", "debug=limit", root=root)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,6 +49,7 @@ def test_limit_trains_on_a_fraction_and_tests(root: Path) -> None:
     assert run.data.metrics["test/samples"] == 64, "a quarter of the 5 test batches: 1"
 
 
+@pytest.mark.e2e
 def test_overfit_memorises_a_few_batches(root: Path) -> None:
     done = run_cli("pipeline.train", "debug=overfit", root=root)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -55,6 +58,7 @@ def test_overfit_memorises_a_few_batches(root: Path) -> None:
     assert run.data.params["aug.name"] == "none" and run.data.params["early_stopping.patience"] == "None"
 
 
+@pytest.mark.e2e
 def test_profile_logs_the_profiler_report(root: Path) -> None:
     done = run_cli("pipeline.train", "debug=profile", root=root)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,6 +86,7 @@ def test_imagenet_a3_preset_is_the_recipe(root: Path) -> None:
     assert (cfg.mixup.mixup_alpha, cfg.mixup.cutmix_alpha, cfg.trainer.max_epochs) == (0.1, 1.0, 100)
 
 
+@pytest.mark.e2e
 def test_cifar_resnet18_recipe_runs_reduced_on_digits(root: Path) -> None:
     """The CIFAR recipe as is (model, heavy aug, Mixup/CutMix, EMA, SGD + warm-up) for one short epoch; digits stand
     in for CIFAR-10, which this machine does not have."""

@@ -39,6 +39,7 @@ def instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
+@pytest.mark.e2e
 def test_dockerfile_lints_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:
@@ -129,6 +130,7 @@ def healthy(service: str) -> str:
     return f"timeout 120 sh -c {shlex.quote(f'until {check} >/dev/null 2>&1; do sleep 0.5; done')}"
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root")
 def test_the_containers_commands_sweep_into_the_tracking_server_outside_containers(
     root: Path, postgres: Database, tracking_server: Served

@@ -58,6 +58,7 @@ def evaluated(trained: tuple[Path, RunResult]) -> tuple[str, subprocess.Complete
     return re.search(r"Evaluation run: ([0-9a-f]{32})", done.stdout).group(1), done
 
 
+@pytest.mark.e2e
 def test_evaluation_is_a_new_linked_run_with_the_training_test_metrics(
     trained: tuple[Path, RunResult], evaluated: tuple[str, subprocess.CompletedProcess[str]]
 ) -> None:
@@ -82,6 +83,7 @@ def test_evaluation_is_a_new_linked_run_with_the_training_test_metrics(
     assert (artifacts / "figures" / "confusion_matrix.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_a_checkpoint_file_evaluates_like_its_run(trained: tuple[Path, RunResult], root: Path) -> None:
     train_root, result = trained
     cfg = compose_in(
@@ -104,6 +106,7 @@ def write_digits(folder: Path, count: int = 6) -> list[int]:
     return [int(label) for label in digits.target[:count]]
 
 
+@pytest.mark.e2e
 def test_predict_prints_top_k_and_writes_a_csv_with_an_error_row(trained: tuple[Path, RunResult]) -> None:
     root, result = trained
     write_digits(root / "to_predict")
@@ -126,6 +129,7 @@ def test_predict_prints_top_k_and_writes_a_csv_with_an_error_row(trained: tuple[
         assert {row[f"class_{rank}"] for rank in (1, 2, 3)} <= {str(digit) for digit in range(10)}
 
 
+@pytest.mark.slow
 def test_a_registered_version_is_a_source_by_name_and_version(trained: tuple[Path, RunResult], root: Path) -> None:
     train_root, result = trained
     uri = store_uri(train_root)
@@ -150,6 +154,7 @@ def class_folders(folder: Path, classes: int) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 def test_user_errors_name_the_problem_and_the_fix(
     trained: tuple[Path, RunResult], evaluated: tuple[str, subprocess.CompletedProcess[str]], root: Path
 ) -> None:

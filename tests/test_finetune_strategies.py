@@ -85,6 +85,7 @@ def size(names: set[str]) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if n in names)
 
 
+@pytest.mark.slow
 def test_full_trains_every_parameter_every_epoch(root: Path) -> None:
     watch, run_id, _, everything = train(root, "finetune=full")
     assert watch.trainable == [everything] * EPOCHS
@@ -92,6 +93,7 @@ def test_full_trains_every_parameter_every_epoch(root: Path) -> None:
     assert logged(root, run_id, "lr-SGD"), "one parameter group: the usual learning-rate metric"
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_only_the_classifier_and_leaves_batchnorm_statistics(root: Path) -> None:
     watch, run_id, head, _ = train(root, "finetune=linear_probe")
     assert watch.trainable == [head] * EPOCHS
@@ -100,6 +102,7 @@ def test_linear_probe_trains_only_the_classifier_and_leaves_batchnorm_statistics
     assert counts(root, run_id) == [size(head)] * EPOCHS == [970] * EPOCHS  # fc: 96 features × 10 classes + 10
 
 
+@pytest.mark.slow
 def test_gradual_unfreezes_the_backbone_at_its_epoch_with_a_lower_learning_rate(root: Path) -> None:
     factor = 0.1
     watch, run_id, head, everything = train(

@@ -134,6 +134,7 @@ def test_trainer_has_the_private_checkpoint_dump_and_train_data_fetcher() -> Non
     )
 
 
+@pytest.mark.slow
 def test_the_remade_iterator_is_the_one_training_reads_and_the_dump_is_a_full_checkpoint() -> None:
     module, loader = Tiny(), Tagged()
     use = UseInternals(loader)
@@ -197,6 +198,7 @@ def test_the_ddp_launcher_internals_have_the_names_and_parameters_we_use() -> No
     )
 
 
+@pytest.mark.e2e
 def test_our_launch_is_lightnings_with_our_observer() -> None:
     """internals._WatchedLauncher.launch is a copy of Lightning's: Lightning's, changed, must be copied again."""
     theirs = statements(pytorch_launcher._SubprocessScriptLauncher.launch)
@@ -234,6 +236,7 @@ def python(code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
+@pytest.mark.e2e
 def test_a_dead_rank_is_reported_before_lightning_kills_every_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fabric_launcher.time, "sleep", lambda seconds: None)  # the observer polls every 5 s
     main, healthy, dead = python("import time; time.sleep(60)"), python("pass"), python("raise SystemExit(3)")

@@ -10,6 +10,8 @@ import pytest
 from pipeline.run import run
 from tests.conftest import compose_in, store_uri
 
+pytestmark = pytest.mark.slow
+
 TINY = [
     "trainer.max_epochs=2",
     "scheduler.warmup_epochs=0",

@@ -65,6 +65,7 @@ def test_parameter_count_and_stage_shapes_equal_torchvision() -> None:
         assert output_shapes(ours, x) == output_shapes(theirs, x)
 
 
+@pytest.mark.slow
 def test_torchvision_weights_load_unchanged_and_give_the_same_logits() -> None:
     theirs = torchvision_googlenet(aux_logits=True).eval()
     ours = timm.create_model("googlenet", aux_logits=True, five_by_five=False).eval()
@@ -91,6 +92,7 @@ def test_inception_module_out_channels_are_what_it_outputs(reduce: bool, five_by
     assert module.out_channels == (8 + 16 + 6 + 5 if reduce else 8 + 16 + 6 + 40), "the pool branch keeps its input"
 
 
+@pytest.mark.slow
 def test_without_reduction_the_network_builds_runs_and_costs_far_more() -> None:
     with torch.device("meta"):
         naive = timm.create_model("googlenet", reduce=False)
@@ -104,6 +106,7 @@ def test_without_reduction_the_network_builds_runs_and_costs_far_more() -> None:
     assert naive_flops > 5 * reduced
 
 
+@pytest.mark.slow
 def test_aux_heads_only_in_training_mode() -> None:
     model = timm.create_model("googlenet", aux_logits=True, num_classes=6)
     x = torch.randn(2, 3, 64, 64)

@@ -44,6 +44,7 @@ def test_every_stage_output_shape_equals_torchvision_at_224(depth: int) -> None:
         assert output_shapes(ours, x) == output_shapes(theirs, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", (18, 50))
 def test_torchvision_weights_load_unchanged_and_give_the_same_logits(depth: int) -> None:
     theirs = getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
@@ -144,6 +145,7 @@ def test_output_shapes(name: str, in_chans: int, size: int, num_classes: int, fi
         assert model.forward_head(features).shape == (2, num_classes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "size"), [("classic_resnet18", 64), ("classic_resnet50_cifar", 16)])
 def test_gradient_reaches_every_parameter(name: str, size: int) -> None:
     model = timm.create_model(name, num_classes=3, drop_rate=0.2).train()

@@ -46,6 +46,7 @@ def test_chunked_updates_give_the_values_of_per_batch_updates(chunk_images: int)
     assert torch.isnan(chunked.compute()["val/loss"]), "a new epoch, and a NaN loss shows"
 
 
+@pytest.mark.slow
 def test_each_split_is_logged_once_an_epoch_and_callbacks_see_the_epoch_just_trained(root: Path) -> None:
     """Loss and metrics are logged at each epoch's end (not every step), in time for callbacks that report at
     on_train_epoch_end (Ray Tune, the sweep's per-epoch report): they must see this epoch's values, not the last."""

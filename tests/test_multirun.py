@@ -53,6 +53,7 @@ def best(root: Path, run: mlflow.entities.Run) -> float:
     return max(point.value for point in history)
 
 
+@pytest.mark.e2e
 def test_a_bad_value_fails_its_job_only_and_the_exit_status_says_so(root: Path) -> None:
     done, sweep = multirun(root, "optim.lr=0.05,-1,0.1")
 
@@ -82,6 +83,7 @@ def test_a_bad_value_fails_its_job_only_and_the_exit_status_says_so(root: Path) 
     assert json.loads((sweep / "1" / "job.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.e2e
 def test_a_crashed_job_is_marked_failed_and_the_next_one_runs(root: Path) -> None:
     done, _ = multirun(root, "trainer.accelerator=abacus,cpu")
 

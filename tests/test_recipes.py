@@ -147,6 +147,7 @@ def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunResul
     return root, run(compose_in(root, RECIPE))
 
 
+@pytest.mark.slow
 def test_mixed_training_scores_the_original_labels_and_logs_the_scaled_lr(
     recipe_run: tuple[Path, RunResult],
 ) -> None:
@@ -159,6 +160,7 @@ def test_mixed_training_scores_the_original_labels_and_logs_the_scaled_lr(
     assert run_data.tags["checkpoint.weights"] == "ema"
 
 
+@pytest.mark.slow
 def test_ema_weights_are_checkpointed_and_are_what_is_tested(recipe_run: tuple[Path, RunResult]) -> None:
     root, result = recipe_run
     checkpoint = torch.load(result.best_checkpoint, weights_only=True)
@@ -182,6 +184,7 @@ def test_ema_weights_are_checkpointed_and_are_what_is_tested(recipe_run: tuple[P
     assert test_loss(live) != pytest.approx(logged, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_restores_the_ema(recipe_run: tuple[Path, RunResult]) -> None:
     root, result = recipe_run
     last = result.output_dir / "checkpoints" / "last.ckpt"
@@ -196,6 +199,7 @@ def test_resume_restores_the_ema(recipe_run: tuple[Path, RunResult]) -> None:
             assert torch.allclose(value, expected, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_channels_last_and_compile_train_a_tiny_model_on_cpu(root: Path) -> None:
     result = run(
         compose_in(

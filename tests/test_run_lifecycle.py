@@ -24,6 +24,7 @@ def checkpoints(root: Path) -> set[str]:
     return {p.name for p in root.glob("outputs/*/*/checkpoints/*.ckpt")}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, signum: signal.Signals) -> None:
     process = subprocess.Popen(
@@ -59,6 +60,7 @@ def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, 
 TINY = ("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("lr", "diverged", "kept"),
     [
@@ -86,6 +88,7 @@ def test_a_diverging_run_keeps_no_nan_checkpoint_and_says_what_it_kept(
         assert f"{kept_files[0].parent}/last.ckpt (epoch 0)" in done.stderr
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_written_every_epoch_whether_or_not_the_monitored_metric_improves(root: Path) -> None:
     from pipeline.checkpointing import load
     from pipeline.run import run
@@ -98,6 +101,7 @@ def test_last_checkpoint_is_written_every_epoch_whether_or_not_the_monitored_met
     assert load(folder / "last.ckpt")["epoch"] == 2, "written after the last epoch too"
 
 
+@pytest.mark.e2e
 def test_resume_into_another_network_is_refused_before_anything_is_written(root: Path) -> None:
     from pipeline.run import run
     from tests.conftest import compose_in
@@ -118,6 +122,7 @@ def val_points(root: Path) -> int:
     return sum(line.startswith("val/acc,") for line in records[0].read_text().splitlines()) if records else 0
 
 
+@pytest.mark.e2e
 def test_a_run_killed_mid_training_resumes_by_run_id_and_ends_like_an_uninterrupted_one(root: Path) -> None:
     settings = ("trainer.max_epochs=8", "seed=3", "logger.log_checkpoint=false")
     reference = run_cli("pipeline.train", *settings, root=root / "reference")
@@ -155,12 +160,14 @@ def test_a_run_killed_mid_training_resumes_by_run_id_and_ends_like_an_uninterrup
         assert run.data.metrics[name] == pytest.approx(expected[name], abs=1e-4), name
 
 
+@pytest.mark.e2e
 def test_resume_of_something_that_is_neither_a_run_nor_a_checkpoint_says_what_to_give(root: Path) -> None:
     for given, message in (("0123abcd", "no such run in MLflow"), (f"{root}/gone.ckpt", "no such checkpoint file")):
         done = run_cli("pipeline.train", f"resume={given}", root=root)
         assert done.returncode == 2 and message in done.stderr and "resume=" in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_resume_of_a_file_that_is_not_a_training_checkpoint_stops_before_a_run_is_created(root: Path) -> None:
     import torch
 
@@ -180,6 +187,7 @@ def test_resume_of_a_file_that_is_not_a_training_checkpoint_stops_before_a_run_i
     assert not list(root.glob("outputs/*/*/checkpoints")), "nothing trained"
 
 
+@pytest.mark.slow
 def test_runs_in_one_process_each_log_to_their_own_store(root: Path) -> None:
     """MLflow exports the tracking URI of a run into the environment; the next run must not follow it."""
     from pipeline.run import run

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import clean_env, run_cli, store_uri
 
+pytestmark = pytest.mark.e2e
+
 EXPERIMENT = "smoke tests"
 
 

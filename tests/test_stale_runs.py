@@ -14,6 +14,7 @@ from pipeline.tracking.processes import this_process, verdict
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes are looked up in /proc")
 
 
+@pytest.mark.e2e
 def test_a_live_process_is_alive_and_a_dead_one_gone() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -18,7 +18,10 @@ import pytest
 from tests.conftest import QUIET, clean_env, run_cli, store_uri
 from tests.helpers.isolation import isolated, run_isolated
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root"),
+]
 
 FAST = [  # small enough that a trial-epoch takes a second or two on one core
     "trainer.max_epochs=4",

@@ -29,6 +29,8 @@ from tests.helpers.isolation import isolated
 from tests.helpers.mlflow_server import Served
 from tests.helpers.postgres import Database
 
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 3
 SMALL = (
     f"trainer.max_epochs={EPOCHS}",

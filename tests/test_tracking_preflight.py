@@ -79,6 +79,7 @@ def test_a_server_that_never_answers_times_out(no_credentials: None, monkeypatch
     assert "no answer within 0.5 s" in message
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("status", "body", "expected"),
     [
@@ -108,6 +109,7 @@ def test_a_server_that_refuses_or_fails_names_the_cause(
             assert part in message
 
 
+@pytest.mark.e2e
 def test_rejected_credentials_name_the_user_and_never_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-horse")
@@ -138,6 +140,7 @@ def test_a_database_uri_whose_driver_is_not_installed_names_the_one_to_use() -> 
     assert "driver mysqldb, which is not installed" in message and "PyMySQL or mysqlclient" in message
 
 
+@pytest.mark.e2e
 def test_a_database_that_refuses_the_connection_is_named_with_the_reason(postgres: Database) -> None:
     missing = f"postgresql+psycopg2://{postgres.user}@127.0.0.1:5432/{postgres.name}_missing"
     message = check_fails(missing)
@@ -188,6 +191,7 @@ def test_retry_settings_are_config_knobs_that_mlflow_variables_override(
         validate(compose_in(root, ["logger.http.max_retries=11"]))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kind", ["no driver", "no database", "no folder"])
 def test_training_against_a_store_that_cannot_open_stops_before_the_data_load(
     root: Path, kind: str, request: pytest.FixtureRequest
@@ -213,6 +217,7 @@ def test_training_against_a_store_that_cannot_open_stops_before_the_data_load(
     assert not list(root.glob("outputs/*/*/checkpoints")) and not list(root.glob("outputs/*/*/mlflow"))
 
 
+@pytest.mark.e2e
 def test_training_against_a_server_that_is_down_stops_before_any_work(root: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     done = run_cli("pipeline.train", f"logger.tracking_uri={uri}", root=root)
@@ -224,6 +229,7 @@ def test_training_against_a_server_that_is_down_stops_before_any_work(root: Path
     assert not list(root.glob("outputs/*/*/checkpoints")) and not list(root.glob("outputs/*/*/mlflow"))
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root")
 def test_a_sweep_against_a_server_that_is_down_stops_before_ray_starts(root: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # closed in the sweep's namespace too: nothing listens there

@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.helpers.mlflow_server import mlflow_server
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.fresh_store
 def test_training_logs_to_a_tracking_server(root: Path) -> None:

@@ -11,6 +11,8 @@ from PIL import Image
 
 from tests.conftest import run_cli, store_uri
 
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 6
 
 

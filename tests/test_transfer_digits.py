@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import run_cli, store_uri
 
+pytestmark = pytest.mark.e2e
+
 REDUCED = (
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=1",

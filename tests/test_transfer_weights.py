@@ -60,6 +60,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     return Path(result.best_checkpoint), result.run_id, store_uri(root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["safetensors", "state_dict"])
 def test_saved_weights_load_into_a_new_head_with_the_backbone_intact(tmp_path: Path, form: str) -> None:
     source = source_model(num_classes=10)
@@ -101,6 +102,7 @@ def test_reset_head_starts_a_fitting_head_afresh_for_new_classes(tmp_path: Path)
     assert torch.equal(model.fc.weight, fresh.fc.weight) and torch.equal(model.fc.bias, fresh.fc.bias), "as created"
 
 
+@pytest.mark.slow
 def test_the_input_layer_is_adapted_to_the_channels_as_timm_does(tmp_path: Path) -> None:
     rgb = source_model(in_chans=3)
     path = tmp_path / "rgb.safetensors"
@@ -114,6 +116,7 @@ def test_the_input_layer_is_adapted_to_the_channels_as_timm_does(tmp_path: Path)
     assert torch.allclose(back.conv1[0].weight, gray.conv1[0].weight.repeat(1, 3, 1, 1) / 3), "gray repeated, scaled"
 
 
+@pytest.mark.slow
 def test_a_lightning_checkpoint_of_ours_and_its_run_both_load(trained: tuple[Path, str, str]) -> None:
     checkpoint, run_id, uri = trained
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
@@ -127,6 +130,7 @@ def test_a_lightning_checkpoint_of_ours_and_its_run_both_load(trained: tuple[Pat
         assert model.fc.weight.shape[0] == 3
 
 
+@pytest.mark.slow
 def test_runs_source_resolves_through_mlflow_in_a_full_run(root: Path, trained: tuple[Path, str, str]) -> None:
     """A run of ours seeds the next one: model.weights=runs:/<id> through run(cfg), recorded in the new run."""
     _, run_id, uri = trained
@@ -153,6 +157,7 @@ class RunsCodeWhenUnpickled:
         return (os.mkdir, (str(self.marker),))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_needs_arbitrary_unpickling_is_refused(root: Path) -> None:
     marker = root / "code-ran"
     path = root / "trojan.ckpt"
@@ -179,6 +184,7 @@ def test_weights_of_another_architecture_list_the_keys_beyond_the_head(root: Pat
 MISSING_RUN = "0123456789abcdef0123456789abcdef"
 
 
+@pytest.mark.slow
 @pytest.mark.fresh_store  # "here" is a project folder without a store
 @pytest.mark.parametrize(
     ("weights", "store", "message"),
@@ -225,6 +231,7 @@ except WeightsError as error:
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("env", "reason"),
     [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"), ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached")],
@@ -241,6 +248,7 @@ def test_pretrained_offline_without_local_weights_fails_at_once_saying_how(
     assert "model.weights=<file>" in message and "model.pretrained=false" in message
 
 
+@pytest.mark.e2e
 def test_the_offline_error_reaches_the_user_before_any_run(root: Path) -> None:
     done = run_cli("pipeline.train", "model=resnet18", root=root, env=offline_env(root, HF_HUB_OFFLINE="1"))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -268,6 +276,7 @@ print(f"loaded from the cache in {{seconds:.2f}} s")
 """
 
 
+@pytest.mark.e2e
 def test_published_weights_load_offline_from_the_hub_cache(tmp_path: Path) -> None:
     """What an online machine leaves in ~/.cache/huggingface is enough: timm adapts the input layer and the head."""
     snapshot = tmp_path / "hf/hub/models--timm--test_resnet.r160_in1k/snapshots" / ("0" * 40)
