@@ -106,10 +106,12 @@ def close(client: MlflowClient, run: Run, why: str) -> None:
     end_time = int(time.time() * 1000)
     if record is not None:
         send_unsent(client, run, record)
-        record.status, record.end_time = "KILLED", end_time
-        record.save()
     client.set_tag(run_id, CLOSED_TAG, why)
     client.set_terminated(run_id, "KILLED", end_time=end_time)
+    if record is not None:
+        record.status, record.end_time = "KILLED", end_time
+        with suppress(OSError):  # e.g. a full disk: MLflow has the end, which is what mattered
+            record.save()
 
 
 def _running_runs(client: MlflowClient, host: str | None) -> list[Run]:
@@ -122,12 +124,22 @@ def _running_runs(client: MlflowClient, host: str | None) -> list[Run]:
     return runs
 
 
+def _command() -> str:
+    """This command as its user typed it: pipeline.train for .../pipeline/train.py, pipeline.sweep for its
+    __main__.py."""
+    parts = Path(sys.argv[0] if sys.argv and sys.argv[0] else "python").with_suffix("").parts
+    if "pipeline" not in parts:
+        return parts[-1] if parts else "python"
+    start = len(parts) - 1 - parts[::-1].index("pipeline")
+    return ".".join(part for part in parts[start:] if part != "__main__")
+
+
 def close_stale_runs(client: MlflowClient, everywhere: bool = False) -> tuple[list[str], list[Run]]:
     """End the RUNNING runs of this host whose process is certainly gone. Returns a line on each run it ended (or
     left alone because its record says it ended: only `pipeline.sync` uploads the rest of those), and the RUNNING
     runs it cannot judge: of this host's other containers, and with `everywhere` of every other host too."""
     me = this_process()
-    command = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+    command = _command()
     notes, unknown = [], []
     for run in _running_runs(client, None if everywhere else me["host"]):
         recorded = recorded_process(run)
