@@ -38,15 +38,15 @@ from torch import nn
 from pipeline.data.images import ImageSplits
 from pipeline.data.transforms import InputSpec
 from pipeline.inference import ClassifierSpec
+from pipeline.tracking.checkpoints import MODEL_NAME, MODEL_WEIGHTS
 
 if TYPE_CHECKING:
     from pipeline.tracking.logger import RecordedMLFlowLogger
     from pipeline.tracking.record import RunRecord
 
 MODEL_FOLDER = "model"  # <output folder>/model/: the MLflow model, as logged
-MODEL_NAME = "model"  # the logged model's name, so runs:/<run id>/model names it, as MLflow's examples do
 MODEL_TYPE = "image-classifier"
-WEIGHTS_FILE, SPEC_FILE = "weights.safetensors", "classifier.json"  # the model's artifacts
+WEIGHTS_FILE, SPEC_FILE = Path(MODEL_WEIGHTS).name, "classifier.json"  # the model's artifacts
 # What the model's code imports (pipeline.serving, pipeline.inference and what they import), pinned as installed.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "albumentations", "numpy", "pandas", "pillow", "safetensors")
 LINKED_METRICS = ("test/", "model/params", "model/flops")  # the run's metrics that describe the model
@@ -186,12 +186,3 @@ def upload_model(client: MlflowClient, run_id: str, record: RunRecord, entry: di
         raise
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return model.model_id
-
-
-def run_model_id(client: MlflowClient, run: Any) -> str | None:
-    """The id of the newest READY model run `run` logged (None for runs from before models were logged)."""
-    outputs = sorted((run.outputs.model_outputs if run.outputs else []), key=lambda output: output.step)
-    for output in reversed(outputs):
-        if client.get_logged_model(output.model_id).status == LoggedModelStatus.READY:
-            return output.model_id
-    return None
