@@ -2,8 +2,9 @@
 the top-k classes of each image, as a table and a CSV.
 
 The model and its class names come from the source (pipeline.source); each image is decoded to the channel count the
-model was trained on and prepared with the run's evaluation transform. A file that cannot be read becomes a row with
-its error and does not stop the others.
+model was trained on and prepared with the run's evaluation transform, by pipeline.inference, which the run's served
+MLflow model runs too: the same files give the same probabilities. A file that cannot be read becomes a row with its
+error and does not stop the others.
 
 Exit status: 0 at least one image predicted; 2 an error the message explains (source, input, no image readable).
 """

@@ -133,6 +133,7 @@ def test_the_pyfunc_answers_exactly_as_predict_does(trained: tuple[Path, RunResu
     files = sorted(images.iterdir())
     expected = predicted(root, result.run_id, images)
     assert [p.path for p in expected] == [str(f) for f in files] and sum(bool(p.error) for p in expected) == 1
+    assert predicted(root, f"models:/{result.model_id}", images) == expected, "the logged model by its id"
 
     mlflow.set_tracking_uri(store_uri(root))  # runs:/ and models:/ URIs are resolved through it
     try:

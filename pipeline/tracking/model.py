@@ -19,6 +19,7 @@ inference of them loads the model in a new process (about 20 s here) and returne
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -121,6 +122,8 @@ def log_best_model(
 ) -> str | None:
     """Save the run's best network as an MLflow model in its output folder and log it (see the module's docstring);
     the logged model's id, or None when MLflow did not get it (the record keeps it for pipeline.sync)."""
+    # MLflow would draw a progress bar over the training's output for each file it copies or uploads.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True) if cfg.model.get("kwargs") else {}
     classifier = ClassifierSpec(str(cfg.model.name), dict(kwargs), list(splits.classes), splits.channels, spec)
     example = next(part for part in (splits.test, splits.val, splits.train) if len(part))[0][0]
