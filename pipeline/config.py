@@ -162,6 +162,8 @@ RULES: Sequence[Rule] = (
     _rule("logger.http.max_retries", lambda v: _integer(v) and 0 <= v <= 10, "an integer in 0..10", 5),
     _rule("logger.http.backoff_factor", lambda v: _integer(v) and 0 <= v <= 120, "an integer in 0..120", 2),
     _rule("logger.http.timeout", lambda v: _integer(v) and v >= 1, "an integer >= 1 (seconds)", 30),
+    _rule("logger.system_metrics.enabled", _boolean, "true or false", "false"),
+    _rule("logger.system_metrics.interval", lambda v: _number(v) and v > 0, "a number > 0 (seconds)", 10),
 )
 
 _ABSENT = object()

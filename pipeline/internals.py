@@ -9,13 +9,15 @@ each one and says what changed and where it is used.
                           kills every process because one rank died
   async_logging_done      RecordedMLFlowLogger (pipeline/tracking/logger.py): whether MLflow's asynchronous
                           logging has finished a batch, without waiting for it
+  process_tracking_uri    pipeline.register: MLflow's process-wide tracking URI set for a block, then restored
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -119,3 +121,26 @@ def async_logging_done(operations: Any) -> bool:
     logger looks for failed batches at every epoch without ever making training wait.
     """
     return all(future.done() for future in operations._operation_futures)
+
+
+@contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI is `uri` while the block runs; then it, and MLFLOW_TRACKING_URI, are as
+    they were.
+
+    Private: `mlflow.tracking._tracking_service.utils._use_tracking_uri`. Registering a logged model (a `models:/m-…`
+    source) in a local store looks the model up through the process-wide URI, not the client's (MLflow's own TODO in
+    SqlAlchemyStore.create_model_version), so a client on another store fails with "Logged model … not found". The
+    public set_tracking_uri cannot give back an unset URI: reading it falls back to the variable or the default.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    variable = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable

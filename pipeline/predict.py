@@ -2,8 +2,9 @@
 the top-k classes of each image, as a table and a CSV.
 
 The model and its class names come from the source (pipeline.source); each image is decoded to the channel count the
-model was trained on and prepared with the run's evaluation transform. A file that cannot be read becomes a row with
-its error and does not stop the others.
+model was trained on and prepared with the run's evaluation transform, by pipeline.inference, which the run's served
+MLflow model runs too: the same files give the same probabilities. A file that cannot be read becomes a row with its
+error and does not stop the others.
 
 Exit status: 0 at least one image predicted; 2 an error the message explains (source, input, no image readable).
 """
@@ -73,50 +74,21 @@ def predict(cfg: DictConfig) -> tuple[list[Prediction], Path]:
         raise UserInputError(f"top_k={cfg.top_k}: must be an integer >= 1 (e.g. top_k=5).")
     files = input_files(str(cfg.input))  # before the heavy imports: a mistyped input answers at once
 
-    import torch
-
-    from pipeline.data.decode import decode_image
-    from pipeline.data.transforms import eval_transform
+    from pipeline.inference import Classifier
     from pipeline.source import build_model, input_spec, load_source
     from pipeline.tracking.store import prepare
 
     uri = str(cfg.logger.tracking_uri)
     prepare(uri, cfg.logger.http)
     source = load_source(str(cfg.source), uri, fallback=cfg)
-    device = _device(str(cfg.device))
-    model = build_model(source).to(device)
-    transform = eval_transform(input_spec(source, model))
+    model = build_model(source)
+    classifier = Classifier(model, input_spec(source, model), source.classes, source.channels, _device(str(cfg.device)))
     top_k = min(int(cfg.top_k), len(source.classes))
-
-    predictions: dict[str, Prediction] = {}
-    batch: list[tuple[str, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        with torch.inference_mode():
-            output = model(torch.stack([tensor for _, tensor in batch]).to(device))
-            probabilities = torch.softmax(output.float(), dim=1).cpu()
-        values, indices = probabilities.topk(top_k, dim=1)
-        for (path, _), row_values, row_indices in zip(batch, values, indices, strict=True):
-            top = [
-                (source.classes[i], float(v)) for v, i in zip(row_values.tolist(), row_indices.tolist(), strict=True)
-            ]
-            predictions[path] = Prediction(path, top)
-        batch.clear()
-
-    for file in files:
-        try:
-            image = decode_image(file, source.channels)
-            tensor = transform(image=image)["image"]
-        except Exception as error:  # unreadable, not an image, truncated: reported in its row
-            predictions[str(file)] = Prediction(str(file), error=f"{type(error).__name__}: {error}")
-            continue
-        batch.append((str(file), tensor))
-        if len(batch) >= int(cfg.batch_size):
-            flush()
-    flush()
-    rows = [predictions[str(file)] for file in files]
+    outcomes = classifier.classify(files, batch_size=int(cfg.batch_size))
+    rows = []
+    for file, outcome in zip(files, outcomes, strict=True):
+        top = [] if outcome.probabilities is None else classifier.top(outcome.probabilities, top_k)
+        rows.append(Prediction(str(file), top, outcome.error))
     path = write_predictions(rows, top_k, Path(cfg.csv))
     if not any(row.top for row in rows):
         raise UserInputError(

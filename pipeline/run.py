@@ -47,7 +47,9 @@ from pipeline.recipes import build_mixup, mixup_enabled, optimizer_factory
 from pipeline.resume import ConfigCheckpoint, RandomStateCheckpoint
 from pipeline.schedules import fit_warmup
 from pipeline.tracking.checkpoints import local_weights
+from pipeline.tracking.datasets import log_datasets
 from pipeline.tracking.logger import RecordedMLFlowLogger
+from pipeline.tracking.model import log_best_model
 from pipeline.tracking.runs import log_files, log_inputs, open_training_run, recorded_status
 from pipeline.tracking.store import prepare
 
@@ -93,6 +95,7 @@ class RunResult:
     best_checkpoint: str | None
     output_dir: Path
     unsynced: str | None = None  # why MLflow lacks part of the run, and the command that uploads the rest
+    model_id: str | None = None  # the MLflow model it logged (models:/<id>)
 
 
 def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True) -> list[Callback]:
@@ -339,6 +342,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         opened.append(logger)
         with recorded_status(logger.end):
             log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
+            log_datasets(logger, cfg.data, splits)
             logger.log_hyperparams(schedule_params)
             log_files(logger, {"figures": preview})
             trainer = build_trainer(cfg, output_dir, logger, callbacks)
@@ -369,6 +373,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
                 title=f"{cfg.model.name} on {cfg.data.name} (test)",
             )
             log_files(logger, {"figures": confusion})
+            model_id = log_best_model(logger, cfg, module.model, best, splits, spec, trainer.global_step)
             if best and cfg.logger.log_checkpoint:
                 log_files(logger, {"checkpoints": Path(best)})
             logger.set_tag("checkpoint.weights", "ema" if OmegaConf.select(cfg, "ema.enabled") else "live")
@@ -380,4 +385,4 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     metrics = {name: float(value) for name, value in test_metrics.items()}
     if best_score is not None:
         metrics[f"best_{cfg.monitor.metric}"] = float(best_score)
-    return RunResult(metrics, logger.run_id, str(cfg.logger.tracking_uri), best, output_dir, logger.unsynced)
+    return RunResult(metrics, logger.run_id, str(cfg.logger.tracking_uri), best, output_dir, logger.unsynced, model_id)

@@ -1,12 +1,15 @@
 """A trained model to evaluate, predict with or register: the one place that reads `source=`.
 
   <run id> | runs:/<run id>[/<artifact path>]
-        a training run in logger.tracking_uri: the checkpoint it logged under `checkpoints/` (a run logs its best
-        one with logger.log_checkpoint=true, the default), its `config.yaml` and its classes
-        (`data/class_counts.json`)
+        a training run in logger.tracking_uri: the network weights of the MLflow model it logged (runs from before
+        models were logged: the checkpoint they uploaded under `checkpoints/`; with <artifact path>, the checkpoint
+        there), its `config.yaml` and its classes (`data/class_counts.json`)
   models:/<name>/<version> | models:/<name>/latest | models:/<name>@<alias>
-        a version registered with `python -m pipeline.register`: the checkpoint it points at, with the config and
-        classes of the run that logged it
+        a version registered with `python -m pipeline.register`: the weights of the MLflow model it is (or the
+        checkpoint it points at, for versions registered before), with the config and classes of the run that
+        logged it
+  models:/<model id>
+        a logged MLflow model (`m-…`, printed by training as 'MLflow model: …'), with its run's config and classes
   <file>.ckpt
         a checkpoint on disk. Its config and classes come from the run folder it lies in: the record every run
         writes (`<output>/mlflow/<run id>/files/`, which also names the run), else Hydra's
@@ -19,6 +22,7 @@ tensors only (torch.load(weights_only=True)); the input size and normalization a
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,10 +36,10 @@ from torch import nn
 
 from pipeline.errors import UserInputError
 from pipeline.tracking import checkpoints
-from pipeline.tracking.checkpoints import RUNS_PREFIX
+from pipeline.tracking.checkpoints import MODELS_PREFIX, RUNS_PREFIX
 from pipeline.tracking.store import existing_store_client
 
-MODELS_PREFIX = "models:/"
+LOGGED_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
 
 
 class SourceError(UserInputError):
@@ -91,17 +95,38 @@ def load_source(text: str, tracking_uri: str, fallback: DictConfig | None = None
     )
 
 
-def _from_run(text: str, uri: str, run_id: str, artifact: str | None, version: str | None = None) -> Source:
+def _from_run(
+    text: str, uri: str, run_id: str, artifact: str | None, version: str | None = None, model_id: str | None = None
+) -> Source:
+    """The run's weights (those of logged model `model_id` when given), config and classes."""
     what = f"source={text}"
     client = client_for(uri, what)
     run = checkpoints.get_run(client, run_id, what, SourceError)
     with tempfile.TemporaryDirectory(prefix="source-") as folder:
-        local, path = checkpoints.download_checkpoint(client, run, artifact, Path(folder), what, SourceError)
+        if model_id is not None:
+            local = checkpoints.download_model_weights(client, model_id, Path(folder))
+            where = f"{MODELS_PREFIX}{model_id}"
+        else:
+            local, where = checkpoints.download_weights(client, run, artifact, Path(folder), what, SourceError)
         state = _read_weights(local, text)
         config, classes = checkpoints.download_run_config(client, run, Path(folder), what, SourceError)
-    return _source(
-        text, config, state, classes, f"{RUNS_PREFIX}{run_id}/{path}", run_id, run.info.experiment_id, version
-    )
+    return _source(text, config, state, classes, where, run_id, run.info.experiment_id, version)
+
+
+def _from_logged_model(text: str, uri: str, model_id: str) -> Source:
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(uri, f"source={text}")
+    try:
+        model = client.get_logged_model(model_id)
+    except MlflowException as error:
+        raise SourceError(
+            f"source={text}: no logged model {model_id} in {uri} ({str(error).splitlines()[0]}). Copy its id from the "
+            "training's output ('MLflow model: …') or the run's page in the MLflow UI."
+        ) from error
+    if not model.source_run_id:
+        raise SourceError(f"source={text}: the model names no run, so its config is unknown.")
+    return _from_run(text, uri, model.source_run_id, None, model_id=model_id)
 
 
 def _from_registry(text: str, uri: str) -> Source:
@@ -109,6 +134,8 @@ def _from_registry(text: str, uri: str) -> Source:
 
     client = client_for(uri, f"source={text}")
     reference = text[len(MODELS_PREFIX) :].strip("/")
+    if LOGGED_MODEL_ID.fullmatch(reference):
+        return _from_logged_model(text, uri, reference)
     fix = (
         "See the registered models and their versions in the MLflow UI (Models), or register a training run with "
         "python -m pipeline.register source=<run id> name=<name>."
@@ -129,9 +156,13 @@ def _from_registry(text: str, uri: str) -> Source:
             version = client.get_model_version(name, number)
     except MlflowException as error:
         raise SourceError(f"source={text}: {str(error).splitlines()[0]} in {uri}. {fix}") from error
+    model_id = getattr(version, "model_id", None)
+    if model_id:  # a version of a logged MLflow model
+        run_id = version.run_id or client.get_logged_model(model_id).source_run_id
+        return _from_run(text, uri, run_id, None, f"{version.name}/{version.version}", model_id)
     if not version.run_id:
         raise SourceError(f"source={text}: version {version.version} names no run, so its config is unknown. {fix}")
-    artifact = _artifact_path(version.source, version.run_id)
+    artifact = _artifact_path(version.source, version.run_id)  # a version of a checkpoint, registered before models
     return _from_run(text, uri, version.run_id, artifact, f"{version.name}/{version.version}")
 
 

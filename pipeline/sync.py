@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.errors import UserInputError
 from pipeline.tracking import processes
 from pipeline.tracking.checkpoints import get_run
+from pipeline.tracking.datasets import dataset_inputs, missing_inputs
 from pipeline.tracking.logger import SENT_ERRORS
 from pipeline.tracking.processes import close_stale_runs
 from pipeline.tracking.record import (
@@ -92,6 +93,10 @@ def sync(record: RunRecord, uri: str) -> str:
             uploaded += 1
         else:
             missing.append(relative)
+    datasets = missing_inputs(run, record.datasets)
+    if datasets:
+        client.log_inputs(run_id, dataset_inputs(datasets))
+    model = _sync_model(client, record, run_id)
     status = record.status
     if status == "RUNNING":  # the record has no end: still training, or killed before it could say
         status = "RUNNING (its record has no end: still training, or killed; status left as it is)"
@@ -102,7 +107,8 @@ def sync(record: RunRecord, uri: str) -> str:
     record.save()
     summary = (
         f"{record.output_dir}: run {run_id} at {uri}: {len(params)} params, {len(tags)} tags, {len(new)} metric "
-        f"points ({len(points) - len(new)} already there), {uploaded} artifacts; status {status}"
+        f"points ({len(points) - len(new)} already there), {uploaded} artifacts, {len(datasets)} dataset inputs"
+        f"{model}; status {status}"
     )
     return summary + (f"; missing files, not uploaded: {', '.join(missing)}" if missing else "")
 
@@ -142,6 +148,24 @@ def close_runs(uri: str, stale: bool, run_ids: list[str]) -> None:
             why = f"ended by hand (python -m pipeline.sync --close-run): {processes.describe(recorded)} was gone"
             processes.close(client, run, why)
             print(f"run {run_id} ({run.info.run_name}) marked KILLED")
+
+
+def _sync_model(client: MlflowClient, record: RunRecord, run_id: str) -> str:
+    """Log the MLflow model the record names when this run does not have it yet; a few words on what was done."""
+    from pipeline.tracking.model import upload_model
+
+    entry = record.model
+    if entry is None:
+        return ""
+    outputs = client.get_run(run_id).outputs
+    held = {output.model_id for output in outputs.model_outputs} if outputs else set()
+    if entry.get("model_id") in held:
+        return ", its model already there"
+    if not (record.output_dir / entry["path"]).is_dir():
+        return f", missing model folder, not uploaded: {entry['path']}"
+    entry["model_id"] = upload_model(client, run_id, record, entry)
+    record.save()
+    return f", model {entry['model_id']}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,8 @@ def report(result: RunResult) -> None:
     console.print(metrics_table("Test set, best checkpoint", result.metrics))
     console.print(f"MLflow run: {result.run_id}")
     console.print(f"Checkpoint: {result.best_checkpoint}")
+    if result.model_id:
+        console.print(f"MLflow model: models:/{result.model_id} (also runs:/{result.run_id}/model)")
     console.print(f"See the runs: {ui_command(result.tracking_uri)}")
 
 

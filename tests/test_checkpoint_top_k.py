@@ -1,4 +1,5 @@
-"""checkpoint.save_top_k keeps that many best checkpoints; the best of them is still the one tested and logged."""
+"""checkpoint.save_top_k keeps that many best checkpoints; the best of them is still the one tested, and the one
+uploaded with logger.log_checkpoint=true."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def test_two_best_checkpoints_are_kept_and_the_best_is_tested_and_logged(root: P
         "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=1",
         "optim.lr=0.1",
+        "logger.log_checkpoint=true",
     ]
     result = run(compose_in(root, overrides))
 

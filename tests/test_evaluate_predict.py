@@ -166,7 +166,7 @@ def test_user_errors_name_the_problem_and_the_fix(
         with pytest.raises(UserInputError, match=message):
             evaluate(compose_in(root, [uri, *overrides], config_name="evaluate"))
 
-    fails([f"source={evaluated[0]}"], r"no checkpoint artifact.*logger.log_checkpoint=true")
+    fails([f"source={evaluated[0]}"], r"logged no MLflow model and has no checkpoint artifact.*its training run is")
     fails([f"source={root / 'missing.ckpt'}"], r"no such file")
     fails([f"source={root}"], r"is a folder")
     fails(["source=models:/digits-lenet/99"], r"not found.*pipeline.register")

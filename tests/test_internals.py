@@ -387,3 +387,20 @@ def test_mlflow_async_logging_tells_a_finished_batch_from_a_pending_one_without_
     require(internals.async_logging_done(operations), "a sent batch does not read as done", used_by)
     client.set_terminated(run.info.run_id)
     assert [m.value for m in client.get_metric_history(run.info.run_id, "m")] == [1.0]
+
+
+def test_the_process_tracking_uri_is_set_for_a_block_and_given_back(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    used_by = "pipeline.register (a models:/m-… version in a local store)"
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # as a fresh process has it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    inside = f"sqlite:///{tmp_path}/mlflow.db"
+    with internals.process_tracking_uri(inside):
+        require(mlflow.get_tracking_uri() == inside, "the URI is not the one set", used_by)
+        require(mlflow.MlflowClient()._tracking_client.tracking_uri == inside, "a new client does not use it", used_by)
+    require(utils._tracking_uri is None, "the process-wide URI is not given back unset", used_by)
+    require(mlflow.get_tracking_uri() == "sqlite:///elsewhere.db", "the variable is not given back", used_by)

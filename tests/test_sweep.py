@@ -71,9 +71,12 @@ def trial_table(root: Path) -> list[dict[str, str]]:
 
 
 def test_asha_sweep_over_lr_and_model_nests_every_trial_and_its_best_config_retrains(root: Path, ray_tmp: str) -> None:
-    command = sweep_command(root, ray_tmp, "sweep=models", "sweep.num_samples=5", "sweep.grace_period=1")
+    command = sweep_command(
+        root, ray_tmp, "sweep=models", "sweep.num_samples=5", "sweep.grace_period=1", "sweep.register_best=digits-best"
+    )
     output = run_isolated(command, root / "sweep.log", timeout=420)
     assert "Retrain it: python -m pipeline.train --config-dir" in output
+    assert "Best trial's model: models:/digits-best/1" in output
 
     parent, children = runs(root)
     assert parent.info.status == "FINISHED"
@@ -93,6 +96,14 @@ def test_asha_sweep_over_lr_and_model_nests_every_trial_and_its_best_config_retr
     artifacts = {a.path for a in mlflow.MlflowClient(store_uri(root)).list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "figures", "best"} <= artifacts
     assert (root / "sweeps" / "s" / "parallel_coordinates.png").read_bytes()[:4] == b"\x89PNG"
+    client = mlflow.MlflowClient(store_uri(root))
+    registered = client.get_model_version("digits-best", "1")
+    completed = [c for c in children if "test/acc" in c.data.metrics]
+    best_completed = max(
+        completed, key=lambda c: max(m.value for m in client.get_metric_history(c.info.run_id, "val/acc"))
+    )
+    assert registered.run_id == best_completed.info.run_id, "the best trial that ran to its test"
+    assert registered.source.startswith("models:/m-") and parent.data.tags["best.registered_model"] == "digits-best/1"
 
     folder = root / "sweeps" / "s"
     retrain = run_cli("pipeline.train", "--config-dir", str(folder), "--config-name", "best_config", root=root)

@@ -1,6 +1,6 @@
 """A tracking server that dies mid-run loses nothing: the run trains to the end with everything on local disk, says
-how to upload it, and `python -m pipeline.sync` puts every metric point, param and artifact on the restarted
-server, into the same run; syncing again sends nothing twice."""
+how to upload it, and `python -m pipeline.sync` puts every metric point, param, artifact, dataset input and the MLflow
+model on the restarted server, into the same run; syncing again sends nothing twice."""
 
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ EXPERIMENT = "outage"
 
 
 def points(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> set[tuple[str, int, int, float]]:
-    """Every metric point the server holds for the run."""
+    """Every metric point the server holds for the run, but MLflow's system metrics: its monitor sends those itself,
+    they are not in the run's record."""
     return {
         (m.key, m.step, m.timestamp, m.value)
         for key in run.data.metrics
+        if not key.startswith("system/")
         for m in client.get_metric_history(run.info.run_id, key)
     }
 
@@ -83,6 +85,8 @@ def test_run_outlives_its_server_and_sync_uploads_every_point(root: Path, postgr
     (record_folder,) = (root / "run" / RECORD_FOLDER).iterdir()
     recorded = RunRecord.load(record_folder)
     assert recorded.status == "FINISHED" and recorded.unsynced
+    assert recorded.model is not None and recorded.model["model_id"] is None, "the model waits in the output folder"
+    assert (root / "run" / "model" / "MLmodel").is_file()
 
     wait_until_closed(port)
     url, server = start(postgres.tcp_uri, artifacts, port=port)  # restarted on the same database
@@ -106,7 +110,14 @@ def test_run_outlives_its_server_and_sync_uploads_every_point(root: Path, postgr
         assert len(client.get_metric_history(run.info.run_id, "val/acc")) == EPOCHS
         assert run.data.params == recorded.params
         artifacts_logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "data", "figures", "checkpoints"} <= artifacts_logged
+        assert {"config.yaml", "data", "figures"} <= artifacts_logged
+        (output,) = run.outputs.model_outputs
+        model = client.get_logged_model(output.model_id)
+        assert str(model.status) == "READY" and model.source_run_id == run.info.run_id
+        assert {m.key: m.dataset_name for m in model.metrics}["test/acc"] == "digits-test"
+        contexts = {tag.value for item in run.inputs.dataset_inputs for tag in item.tags}
+        assert contexts == {"training", "validation", "test"}, "logged before the server died, not again"
+        assert RunRecord.load(record_folder).model["model_id"] == model.model_id
         figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
         assert figures == {"figures/augmentation_preview.png", "figures/confusion_matrix.png"}
         assert RunRecord.load(record_folder).unsynced is None
@@ -114,7 +125,9 @@ def test_run_outlives_its_server_and_sync_uploads_every_point(root: Path, postgr
         again = sync(str(root))  # any folder above the run will do
         assert again.returncode == 0, again.stderr[-3000:]
         assert f"0 params, 0 tags, 0 metric points ({len(local)} already there)" in again.stdout
+        assert "0 dataset inputs, its model already there" in again.stdout
         assert points(client, only_run(client)) == local
+        assert len(only_run(client).outputs.model_outputs) == 1
     finally:
         stop(server)
 

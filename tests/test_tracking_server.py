@@ -1,4 +1,5 @@
-"""Pointing logger.tracking_uri at an MLflow server works unchanged: the run, its metrics and artifacts land there."""
+"""Pointing logger.tracking_uri at an MLflow server works unchanged: the run, its metrics, artifacts and MLflow model
+land there, and the model is read back through the server."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from pipeline.source import load_source
 from tests.conftest import run_cli
 from tests.helpers.mlflow_server import mlflow_server
 
@@ -26,6 +28,10 @@ def test_training_logs_to_a_tracking_server(root: Path) -> None:
         assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
         assert "test/acc" in run.data.metrics
         folders = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "figures", "checkpoints"} <= folders
+        assert {"config.yaml", "figures"} <= folders
+        (output,) = run.outputs.model_outputs
+        assert str(client.get_logged_model(output.model_id).status) == "READY"
+        source = load_source(run.info.run_id, url)  # what evaluate and predict read: the model, through the server
+        assert source.checkpoint == f"models:/{output.model_id}" and source.classes == [str(d) for d in range(10)]
     assert not (root / "mlruns").exists(), "nothing was written to the local store"
-    assert any((root / "server-artifacts").rglob("*.ckpt")), "artifacts went through the server's proxy"
+    assert any((root / "server-artifacts").rglob("weights.safetensors")), "the model went through the server's proxy"

@@ -29,6 +29,7 @@ def test_cli_prints_metrics_run_id_and_ui_command(trained: tuple[Path, str]) -> 
     accuracy = float(re.search(r"test/acc\s*│\s*([0-9.]+)", stdout).group(1))
     assert accuracy >= 0.85, f"{EPOCHS} epochs of LeNet-5 on digits should be well past chance: {accuracy}"
     assert re.search(r"MLflow run: [0-9a-f]{32}", stdout)
+    assert re.search(r"MLflow model: models:/m-[0-9a-f]{32} \(also runs:/[0-9a-f]{32}/model\)", stdout)
     assert f"ui --backend-store-uri {store_uri(root)}" in stdout
 
 
@@ -69,7 +70,9 @@ def test_mlflow_holds_exactly_that_run_with_everything_logged(trained: tuple[Pat
     assert "model:\n  name: lenet5" in (artifacts / "config.yaml").read_text()
     with Image.open(artifacts / "figures" / "confusion_matrix.png") as figure:
         assert figure.format == "PNG" and figure.width > 100
-    assert [p.suffix for p in (artifacts / "checkpoints").iterdir()] == [".ckpt"]
+    assert not (artifacts / "checkpoints").exists(), "the best weights are in the run's MLflow model"
+    (output,) = run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).source_run_id == run.info.run_id
     assert "train" in (artifacts / "data" / "class_counts.json").read_text()
 
 

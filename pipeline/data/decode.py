@@ -12,6 +12,7 @@ Every source ends in `match_channels`, so grayscale ↔ RGB conversion is define
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -63,8 +64,9 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"))
 
 
-def decode_image(path: str | Path, channels: int) -> np.ndarray:
-    """The image at `path` as uint8 (H, W, channels), upright as its EXIF orientation says."""
+def decode_image(path: str | Path | BinaryIO, channels: int) -> np.ndarray:
+    """The image at `path` (a file, or an open binary stream of a file's bytes) as uint8 (H, W, channels), upright as
+    its EXIF orientation says."""
     with Image.open(path) as image:
         upright = ImageOps.exif_transpose(image)
         return match_channels(pixels(upright), channels)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -198,3 +199,27 @@ class ImageSplits:
             split: {name: int((part.labels == index).sum()) for index, name in enumerate(self.classes)}
             for split, part in (("train", self.train), ("val", self.val), ("test", self.test))
         }
+
+
+CHUNK_IMAGES = 4096  # in-memory images hashed per call: a bounded copy of a set that may be large
+
+
+def content_chunks(part: LabelledImages, indices: np.ndarray | None = None) -> Iterator[bytes | np.ndarray]:
+    """The contents of the images of `part` (at `indices`, default all), in order, as byte chunks for a fingerprint:
+    the pixels of images held in memory (with their shape), the bytes of image files as stored. A subset yields its
+    base's images at its indices, so the same images in the same order give the same chunks however they were cut."""
+    indices = np.arange(len(part)) if indices is None else indices
+    if isinstance(part, ImageSubset):
+        yield from content_chunks(part.base, part.indices[indices])
+    elif isinstance(part, ImageSet):
+        yield np.asarray(part.images.shape[1:], dtype=np.int64)
+        for start in range(0, len(indices), CHUNK_IMAGES):
+            yield np.ascontiguousarray(part.images[indices[start : start + CHUNK_IMAGES]])
+    elif isinstance(part, ImageFileSet):
+        for index in indices:
+            data = Path(str(part.paths[index])).read_bytes()
+            yield np.int64(len(data)).tobytes() + data  # the length keeps file boundaries part of the fingerprint
+    else:  # any other LabelledImages: its decoded pixels
+        for index in indices:
+            image = np.ascontiguousarray(part[int(index)][0])
+            yield np.asarray(image.shape, dtype=np.int64).tobytes() + image.tobytes()

@@ -5,9 +5,9 @@
                             cache, or downloaded when the hub can be reached (checked first, in a second)
   model.weights=<file>      a .safetensors file, a state dict saved with torch.save, or a Lightning
                             checkpoint of ours (ImageClassifier keeps the network under `model.`)
-  model.weights=runs:/<id>  the best checkpoint an earlier run of ours logged to MLflow (artifact folder
-                            `checkpoints/`, or runs:/<id>/<artifact path>), from logger.tracking_uri: run(cfg)
-                            downloads it (pipeline.tracking.checkpoints); models never talk to MLflow
+  model.weights=runs:/<id>  the network of the MLflow model an earlier run of ours logged (or the checkpoint at
+                            runs:/<id>/<artifact path>), from logger.tracking_uri: run(cfg) downloads it
+                            (pipeline.tracking.checkpoints); models never talk to MLflow
 
 Local weights are fitted like timm fits its own: the first convolution is adapted to the data's channels
 (timm's adapt_input_conv: RGB weights summed for grayscale, repeated and scaled the other way), and the

@@ -4,7 +4,8 @@ The driver composes the config, checks the search space against it (before Ray s
 experiment and the sweep's parent run, and lets Ray Tune run trials. Each trial composes the train config
 with its sampled overrides and calls run(cfg), reporting every epoch to Tune (for ASHA) with a checkpoint
 (for retries). At the end the driver records every trial on the parent run and writes the best trial's
-config as a YAML that pipeline.train accepts as it is.
+config as a YAML that pipeline.train accepts as it is; with sweep.register_best=<name>, the best trial that ran to its
+test has its MLflow model registered under that name.
 
 Exit status: 0 done; 2 an error the message explains (config, search space, tracking store), or every trial failed
 because of its config (e.g. a diverged loss); 1 every trial failed otherwise. With no successful trial there is no
@@ -40,6 +41,9 @@ def main(cfg: DictConfig) -> None:
     print(f"Trials table: {state.folder}/trials.csv")
     print(f"Best config: {outcome['best_config']}")
     print(f"Retrain it: python -m pipeline.train --config-dir {state.folder} --config-name best_config")
+    registered = outcome["registered"]
+    if registered is not None:
+        print(f"Best trial's model: models:/{registered.name}/{registered.version} (run {registered.run_id})")
 
 
 if __name__ == "__main__":

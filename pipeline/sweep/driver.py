@@ -1,5 +1,6 @@
 """The sweep's driver: the state checked and saved, the parent run opened, Ray started, Tune's trials run, and every
-trial recorded on the parent run with the best trial's config written for pipeline.train."""
+trial recorded on the parent run with the best trial's config written for pipeline.train (and, with
+sweep.register_best=<name>, the best trial's MLflow model registered under that name)."""
 
 from __future__ import annotations
 
@@ -119,12 +120,51 @@ def write_best_config(state: SweepState, best_overrides: list[str]) -> Path:
     return path
 
 
+def registration_name(cfg: DictConfig) -> str | None:
+    """sweep.register_best, checked before any work."""
+    name = cfg.sweep.get("register_best")
+    if name is None:
+        return None
+    if not str(name).strip() or any(character in str(name) for character in "/@"):
+        raise UserInputError(
+            f"sweep.register_best={name}: give a registered model's name without '/' or '@' (e.g. "
+            "sweep.register_best=digits-best), or null to register nothing."
+        )
+    return str(name)
+
+
+def best_completed(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The trial with the best `metric` among those that ran to their test (and so logged their model)."""
+    done = [row for row in rows if row["outcome"] == "completed" and row["mlflow_run_id"] and row[metric] is not None]
+    if not done:
+        return None
+    return (max if mode == "max" else min)(done, key=lambda row: row[metric])
+
+
+def register_best(parent: Any, state: SweepState, rows: list[dict[str, Any]], name: str) -> Any:
+    """Register the best completed trial's MLflow model as a version of `name`, noted on the parent run."""
+    from pipeline.register import register
+
+    metric = state.settings["metric"]
+    best = best_completed(rows, metric, state.settings["mode"])
+    if best is None:
+        raise UserInputError(
+            f"sweep.register_best={name}: no trial ran to its test, so none logged a model. Retrain the best config "
+            "with pipeline.train and register that run with pipeline.register."
+        )
+    description = f"Best trial ({metric}={best[metric]:.4f}) of sweep {state.name}, trial {best['trial_id']}"
+    version = register(best["mlflow_run_id"], name, state.tracking_uri, description=description)
+    parent.client.set_tag(parent.run_id, "best.registered_model", f"{version.name}/{version.version}")
+    return version
+
+
 def run_sweep(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
     from pipeline.plots import parallel_coordinates_png
     from pipeline.sweep import space as search_space
     from pipeline.sweep.tracking import open_parent_run, settle_trials
     from pipeline.tracking.provenance import run_tags
 
+    registered_name = registration_name(cfg)
     resuming = cfg.resume is not None
     state = SweepState.load(locate(cfg.resume, cfg.sweep.storage_path)) if resuming else new_state(cfg, cli_overrides)
     space = search_space.build(state.params, state.settings["search"], state.base_overrides, compose)
@@ -167,4 +207,12 @@ def run_sweep(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
         best_score = best.metrics_dataframe[metric].agg(state.settings["mode"])
         parent.log_best(best_overrides, best_score, state.settings["metric"])
         parent.log_files({"": table, "figures": figure, "best": best_config})
-    return {"state": state, "best_config": best_config, "best_overrides": best_overrides, "rows": rows}
+    # After the sweep's run has ended as it went: a model that cannot be registered does not fail the sweep's record.
+    registered = register_best(parent, state, rows, registered_name) if registered_name else None
+    return {
+        "state": state,
+        "best_config": best_config,
+        "best_overrides": best_overrides,
+        "rows": rows,
+        "registered": registered,
+    }

@@ -1,7 +1,9 @@
-"""An MLflow run of ours brought to local disk: its checkpoint, its config and its classes.
+"""An MLflow run of ours brought to local disk: its network's weights, its config and its classes.
 
-`runs:/<run id>[/<artifact path>]` names the checkpoint a training logged (under `checkpoints/`, the best one,
-with logger.log_checkpoint=true) or the file at that path. `source=` (evaluate, predict, register) and
+`runs:/<run id>` (or runs:/<run id>/model) names the weights of the MLflow model the training logged
+(pipeline.tracking.model); a run from
+before models were logged, the checkpoint it uploaded under `checkpoints/` (logger.log_checkpoint=true).
+`runs:/<run id>/<artifact path>` names the checkpoint at that path. `source=` (evaluate, predict, register) and
 `model.weights=runs:/…` (transfer learning) both read runs through this module.
 
 Every error names `what` the user gave (e.g. "source=…", "model.weights=…") and is raised as the caller's own
@@ -23,7 +25,10 @@ from pipeline.tracking.provenance import KIND_TAG, SOURCE_TAG
 from pipeline.tracking.store import existing_store_client
 
 RUNS_PREFIX = "runs:/"
-CHECKPOINT_FOLDER = "checkpoints"  # where run(cfg) uploads the best checkpoint
+MODELS_PREFIX = "models:/"
+CHECKPOINT_FOLDER = "checkpoints"  # where run(cfg) uploads the best checkpoint (logger.log_checkpoint=true)
+MODEL_NAME = "model"  # the name of the MLflow model a training logs: runs:/<run id>/model names it, as in MLflow
+MODEL_WEIGHTS = "artifacts/weights.safetensors"  # the network's weights inside it
 CONFIG_ARTIFACT, CLASSES_ARTIFACT = "config.yaml", "data/class_counts.json"  # what every training logs
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -73,9 +78,9 @@ def checkpoint_artifact(
     evaluated = run.data.tags.get(SOURCE_TAG)
     hint = f" It is a {run.data.tags[KIND_TAG]} run; its training run is {evaluated}." if evaluated else ""
     raise error(
-        f"{what}: run {run_id} has no checkpoint artifact under {folder!r}.{hint} A training logs its best checkpoint "
-        "there with logger.log_checkpoint=true (the default): train again with it, or give the checkpoint file "
-        "itself (<output folder>/checkpoints/best-….ckpt)."
+        f"{what}: run {run_id} logged no MLflow model and has no checkpoint artifact under {folder!r}.{hint} Every "
+        "training logs its best network as an MLflow model: give a training run's id, or the checkpoint file itself "
+        "(<output folder>/checkpoints/best-….ckpt)."
     )
 
 
@@ -89,12 +94,39 @@ def _download(client: Any, run_id: str, path: str, folder: Path) -> Path:
     )
 
 
-def download_checkpoint(
+def run_model_id(client: Any, run: Any) -> str | None:
+    """The id of the newest finished (READY) MLflow model the run logged; None for a run that logged none."""
+    from mlflow.entities import LoggedModelStatus
+
+    outputs = sorted(run.outputs.model_outputs if run.outputs else [], key=lambda output: output.step)
+    for output in reversed(outputs):
+        if client.get_logged_model(output.model_id).status == LoggedModelStatus.READY:
+            return output.model_id
+    return None
+
+
+def download_model_weights(client: Any, model_id: str, folder: Path) -> Path:
+    """The network's weights of logged model `model_id` (pipeline.tracking.model), downloaded into `folder`."""
+    import mlflow
+
+    location = client.get_logged_model(model_id).artifact_location
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location}/{MODEL_WEIGHTS}", dst_path=str(folder), tracking_uri=client.tracking_uri
+        )
+    )
+
+
+def download_weights(
     client: Any, run: Any, artifact: str | None, folder: Path, what: str, error: ErrorType = UserInputError
 ) -> tuple[Path, str]:
-    """The run's checkpoint downloaded into `folder`: (local file, its artifact path)."""
+    """The run's network weights downloaded into `folder`, and where they came from (a models:/ or runs:/ URI): those
+    of the MLflow model it logged, else (a run from before models were logged, or `artifact` named) its checkpoint."""
+    model_id = run_model_id(client, run) if artifact in (None, MODEL_NAME) else None
+    if model_id is not None:
+        return download_model_weights(client, model_id, folder), f"{MODELS_PREFIX}{model_id}"
     path = checkpoint_artifact(client, run, what, artifact, error)
-    return _download(client, run.info.run_id, path, folder), path
+    return _download(client, run.info.run_id, path, folder), f"{RUNS_PREFIX}{run.info.run_id}/{path}"
 
 
 def download_run_config(
@@ -128,8 +160,9 @@ def class_names(counts: Path | None) -> list[str] | None:
 
 @contextmanager
 def local_weights(text: str | None, tracking_uri: str, what: str, error: ErrorType) -> Iterator[Path | None]:
-    """For runs:/<id>[/<path>] (model.weights), the run's checkpoint downloaded into a temporary folder for as long
-    as the block runs; None for anything else (a file is read where it is, and checked by whoever reads it)."""
+    """For runs:/<id>[/<path>] (model.weights), the run's weights (its MLflow model's, or the checkpoint at <path>)
+    downloaded into a temporary folder for as long as the block runs; None for anything else (a file is read where it
+    is, and checked by whoever reads it)."""
     if text is None or not is_run_uri(text):
         yield None
         return
@@ -137,4 +170,4 @@ def local_weights(text: str | None, tracking_uri: str, what: str, error: ErrorTy
     client = existing_store_client(tracking_uri, what, error)
     run = get_run(client, run_id, what, error)
     with tempfile.TemporaryDirectory(prefix="weights-") as folder:
-        yield download_checkpoint(client, run, artifact, Path(folder), what, error)[0]
+        yield download_weights(client, run, artifact, Path(folder), what, error)[0]

@@ -6,7 +6,9 @@ transaction or an HTTP request (10–30 ms of CPU each), and MLflow's queue merg
 MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS into one call. MLflow's client retries transient errors itself
 (logger.http); a call that still fails stops the sending, says so once, and the run goes on:
 `python -m pipeline.sync <output folder>` uploads the record afterwards. Ending the run waits until every point
-is sent.
+is sent. With `system_metrics` the run is watched by MLflow's own SystemMetricsMonitor (the monitor
+`mlflow.start_run(log_system_metrics=True)` starts; this run is not started through MLflow's fluent API, so it is
+started here), from the run's opening to its end.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ ASYNC_SETTINGS = {  # MLflow's own variables for its logging queue, read when th
 class RecordedMLFlowLogger(MLFlowLogger):
     """See the module's docstring. Opened with `open()`, ended once with `end(status)` (not by Lightning)."""
 
-    def __init__(self, output_dir: Path, tracking_uri: str, **kwargs: Any) -> None:
+    def __init__(
+        self, output_dir: Path, tracking_uri: str, system_metrics: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(tracking_uri=tracking_uri, **kwargs)
         for name, value in ASYNC_SETTINGS.items():
             os.environ.setdefault(name, value)
@@ -62,6 +66,8 @@ class RecordedMLFlowLogger(MLFlowLogger):
         self.failure: str | None = None  # set when a call failed for good: nothing more is sent
         self.last_steps: dict[str, int] = {}  # of a continued run: its steps up to these are already logged
         self.in_flight: list[Any] = []  # MLflow's RunOperations of the metric batches not known to be sent
+        self.system_metrics = system_metrics if system_metrics and system_metrics.get("enabled") else None
+        self.monitor: Any = None  # MLflow's SystemMetricsMonitor while the run is watched
 
     def open(self, continued: bool) -> None:
         """Create the run (or mark the continued one RUNNING again) and its record."""
@@ -102,6 +108,21 @@ class RecordedMLFlowLogger(MLFlowLogger):
         self.record.save()
         if continued:
             self._catch_up(client, run)
+        if self.system_metrics is not None:
+            self._watch(continued)
+
+    def _watch(self, continued: bool) -> None:
+        """Start MLflow's system-metrics monitor on this run: system/* metrics every `interval` seconds (a continued
+        run's go on from its last step). It sends from its own thread and stops by itself when the server fails."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=float(self.system_metrics["interval"]),
+            resume_logging=continued,
+            tracking_uri=self.tracking_uri,
+        )
+        self.monitor.start()
 
     def _catch_up(self, client: MlflowClient, run: Run) -> None:
         """Send the points the killed process recorded but had not sent yet, and log no step a second time.
@@ -211,7 +232,34 @@ class RecordedMLFlowLogger(MLFlowLogger):
         folder = Path(artifact_file).parent.as_posix()
         self.log_artifact(path, None if folder == "." else folder)
 
+    def log_datasets(self, entries: list[dict[str, str]]) -> None:
+        """Log dataset inputs (pipeline.tracking.datasets' entries); ones the record has already are not sent again
+        (a continued run logged them when it started)."""
+        from pipeline.tracking.datasets import dataset_inputs
+
+        new = [entry for entry in entries if entry not in self.record.datasets]
+        if not new:
+            return
+        self.record.datasets += new
+        self.record.save()
+        self._send("logging dataset inputs", self.experiment.log_inputs, self.run_id, dataset_inputs(new))
+
+    def log_model(self, entry: dict[str, Any], upload: Callable[[MlflowClient, str], str]) -> str | None:
+        """Record the MLflow model saved in the output folder (`entry`), then `upload(client, run_id)` it; returns the
+        logged model's id, or None when it was not sent (the record keeps it for pipeline.sync)."""
+        self.record.model = entry
+        self.record.save()
+        self.flush()  # the metrics the model is linked to must be in MLflow before it
+        model_id = self._send("logging the model", upload, self.experiment, self.run_id)
+        if model_id is not None:
+            entry["model_id"] = model_id
+            self.record.save()
+        return model_id
+
     def end(self, status: str) -> None:
+        if self.monitor is not None:  # its last samples are sent before the run ends
+            self.monitor.finish()
+            self.monitor = None
         self.flush()
         self.record.status, self.record.end_time = status, int(time.time() * 1000)
         try:

@@ -1,7 +1,8 @@
 """Everything a run logs to MLflow, kept on local disk too, so a server that fails mid-run loses nothing.
 
-`<output folder>/mlflow/<run id>/` holds run.json (where the run goes, its tags, params, artifact files and
-status), metrics.csv (every metric point, as logged) and files/ (the texts logged as artifacts).
+`<output folder>/mlflow/<run id>/` holds run.json (where the run goes, its tags, params, artifact files, dataset
+inputs, logged model and status), metrics.csv (every metric point, as logged) and files/ (the texts logged as
+artifacts).
 `python -m pipeline.sync` uploads it; a continued run sends what its killed process had not.
 """
 
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
@@ -40,6 +42,8 @@ class RunRecord:
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     artifacts: list[list[str]] = field(default_factory=list)  # [artifact folder, file relative to output_dir]
+    datasets: list[dict[str, str]] = field(default_factory=list)  # dataset inputs: MLflow's fields and `context`
+    model: dict[str, Any] | None = None  # the MLflow model saved in the output folder (pipeline.tracking.model)
     unsynced: str | None = None  # why the server lacks part of the run; None while it has all of it
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

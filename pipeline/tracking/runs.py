@@ -24,10 +24,12 @@ def open_run(
     tags: Mapping[str, str],
     artifact_root: str | Path,
     run_id: str | None = None,
+    system_metrics: Mapping[str, Any] | None = None,
 ) -> RecordedMLFlowLogger:
     """Create the experiment (if new) and the run now, so a tracking problem shows before the work; with `run_id`,
     that existing run is continued (marked RUNNING again) instead. `artifact_root`: where a new experiment on a
-    local store keeps its artifacts."""
+    local store keeps its artifacts. `system_metrics` (logger.system_metrics): whether and how often MLflow samples
+    the machine's CPU, memory, disk, network and GPU into the run."""
     artifacts = artifact_location(tracking_uri, artifact_root)
     make_store_folder(tracking_uri)
     try:
@@ -41,6 +43,7 @@ def open_run(
             tags=dict(tags),
             artifact_location=artifacts,
             run_id=run_id,
+            system_metrics=system_metrics,
         )
         logger.open(continued=bool(run_id))
     except SENT_ERRORS as error:
@@ -62,6 +65,7 @@ def open_training_run(cfg: DictConfig) -> RecordedMLFlowLogger:
         tags,
         cfg.logger.artifact_root,
         cfg.logger.run_id,
+        cfg.logger.get("system_metrics"),
     )
 
 
