@@ -83,6 +83,7 @@ def same_answers(rows: list[dict], expected: list[Prediction]) -> None:
         assert dict(zip(CLASSES, row["probabilities"], strict=True)) == dict(prediction.top), "to the last bit"
 
 
+@pytest.mark.slow
 def test_the_run_logs_its_model_datasets_and_system_metrics(trained: tuple[Path, RunResult]) -> None:
     root, result = trained
     client = mlflow.MlflowClient(store_uri(root))
@@ -128,6 +129,7 @@ def test_the_run_logs_its_model_datasets_and_system_metrics(trained: tuple[Path,
     assert (result.output_dir / "model" / "MLmodel").is_file() and len(record.datasets) == 3
 
 
+@pytest.mark.slow
 def test_the_pyfunc_answers_exactly_as_predict_does(trained: tuple[Path, RunResult], images: Path) -> None:
     root, result = trained
     files = sorted(images.iterdir())
@@ -148,6 +150,7 @@ def test_the_pyfunc_answers_exactly_as_predict_does(trained: tuple[Path, RunResu
     same_answers(answers.to_dict("records"), expected)
 
 
+@pytest.mark.slow
 def test_registered_with_an_alias_it_is_served_over_http(trained: tuple[Path, RunResult], images: Path) -> None:
     root, result = trained
     uri = store_uri(root)
@@ -181,6 +184,7 @@ def test_registered_with_an_alias_it_is_served_over_http(trained: tuple[Path, Ru
         assert status == 200 and again["predictions"][0] == answer["predictions"][0], "it still serves"
 
 
+@pytest.mark.e2e
 def test_register_cli_sets_the_alias_and_refuses_mistakes(trained: tuple[Path, RunResult]) -> None:
     root, result = trained
     base = [sys.executable, "-m", "pipeline.register", f"paths.root={root}"]
