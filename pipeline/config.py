@@ -117,6 +117,8 @@ RULES: Sequence[Rule] = (
     _rule("optim.lr", lambda v: _number(v) and v > 0, "a number > 0", 0.01),
     _rule("optim.lr_base", lambda v: v is None or (_number(v) and v > 0), "a number > 0 or null", 0.1),
     _choice_rule("optim.lr_scale", "linear", "sqrt"),
+    _rule("optim.filter_bias_and_bn", _boolean, "true or false", "true"),
+    _rule("optim.layer_decay", lambda v: v is None or (_number(v) and 0 < v <= 1), "a number in (0, 1] or null", 0.75),
     _rule("model.kwargs.drop_rate", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.2),
     _rule("model.kwargs.drop_path_rate", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.1),
     _rule("mixup.mixup_alpha", lambda v: _number(v) and v >= 0, "a number >= 0 (0 = off)", 0.2),

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import timm
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -38,7 +38,7 @@ from pipeline.models.stats import count_flops, count_parameters
 from pipeline.models.weights import WeightsError
 from pipeline.module import ImageClassifier
 from pipeline.plots import confusion_matrix_png
-from pipeline.recipes import build_mixup, mixup_enabled, optimizer_factory
+from pipeline.recipes import LearningRates, ParameterGroups, build_mixup, mixup_enabled, optimizer_factory
 from pipeline.resume import RandomStateCheckpoint
 from pipeline.tracking.checkpoints import local_weights
 from pipeline.tracking.logger import RecordedMLFlowLogger
@@ -88,7 +88,7 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True)
         ),
         CheckpointOnException(checkpoint_dir / "interrupted.ckpt"),
         RandomStateCheckpoint(),
-        *([LearningRateMonitor(logging_interval="epoch")] if tracked else []),
+        *([LearningRates()] if tracked else []),  # one curve per learning rate, however many groups share it
         BackboneFreeze(cfg.finetune.unfreeze_epoch),  # conf/finetune: which parameters train when
     ]
     if cfg.early_stopping.patience is not None:
@@ -212,6 +212,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         model,
         num_classes=splits.num_classes,
         optimizer=optimizer_factory(cfg.optim),
+        grouping=ParameterGroups.from_config(cfg.optim),  # weight decay and layer decay per parameter group
         scheduler=instantiate(cfg.scheduler),
         label_smoothing=cfg.loss.label_smoothing,
         aux_weight=cfg.loss.aux_weight,
