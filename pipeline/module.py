@@ -19,13 +19,26 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from pipeline.distributed import effective_batch_size
 from pipeline.ema import WEIGHTS_KEY
-from pipeline.errors import TrainingDiverged
+from pipeline.errors import TrainingDiverged, UserInputError
 from pipeline.metrics import EpochMetrics
 from pipeline.models.factory import head_and_backbone
 from pipeline.recipes import ParameterGroups, name_groups, scaled_lr
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """timm's switch: the model recomputes its blocks' activations in the backward pass instead of keeping them."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as error:  # no method; timm's VGG etc. assert
+        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        raise UserInputError(
+            f"perf.grad_checkpointing=true: {name} does not support gradient checkpointing "
+            f"({error or type(error).__name__}). Set perf.grad_checkpointing=false, or pick a model that has it "
+            "(ours, timm's ResNets, EfficientNets, ConvNeXts, ViTs, …)."
+        ) from error
 
 
 class ImageClassifier(L.LightningModule):
@@ -45,13 +58,15 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         grouping: ParameterGroups | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         """`mixup` (timm's, or None) mixes every training batch until epoch `mixup_off_epoch` (None: to the end);
         with it the training loss is soft-target cross-entropy. `lr_base` (None: the optimizer's lr as is) is the
         learning rate per 256 images, scaled (`lr_scale`: linear | sqrt) to the effective batch size.
         `channels_last` and `compile` (torch.compile, in place) are applied to the model at set-up. `grouping`
         makes the optimizer's parameter groups (weight decay, layer decay; None: one group), and
-        `backbone_lr_factor` scales the backbone's part of each."""
+        `backbone_lr_factor` scales the backbone's part of each. `grad_checkpointing` turns on the model's own
+        (timm's set_grad_checkpointing) here, so a model without it fails before anything trains."""
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
@@ -63,6 +78,8 @@ class ImageClassifier(L.LightningModule):
         self.train_criterion = SoftTargetCrossEntropy() if mixup is not None else self.criterion
         self.lr_base, self.lr_scale = lr_base, lr_scale
         self.channels_last, self.compile_model = channels_last, compile
+        if grad_checkpointing:
+            enable_grad_checkpointing(model)
         self.compiled = False  # setup runs for fit and again for test: compile once
         self.aux_weight = aux_weight
         self.backbone_lr_factor = backbone_lr_factor

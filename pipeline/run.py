@@ -223,6 +223,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         lr_scale=cfg.optim.get("lr_scale", "linear"),
         channels_last=OmegaConf.select(cfg, "perf.channels_last", default=False),
         compile=OmegaConf.select(cfg, "perf.compile", default=False),
+        grad_checkpointing=OmegaConf.select(cfg, "perf.grad_checkpointing", default=False),
     )
     if not lead:
         return follow(cfg, module, datamodule, callbacks)
