@@ -5,7 +5,8 @@ The model is rebuilt from the source's config and checkpoint (pipeline.source) a
 ImageClassifier, so the metrics are the ones training reports (`<split>/acc`, `/f1`, `/acc_top5`, `/loss`);
 on the source's own test split and best checkpoint they equal the training's `test/*`. The new run (tags
 kind=evaluation, source_run_id) holds them, a per-class report (`reports/per_class.csv`: precision, recall, F1,
-support) and the confusion matrix (`figures/confusion_matrix.png`), all also written to the output folder.
+support), the confusion matrix (`figures/confusion_matrix.png`) and Grad-CAM heat maps of the predicted class on a few
+of the images (`figures/class_activation.png`), all also written to the output folder.
 
 Exit status: 0 evaluated and logged; 2 an error the message explains (source, data, class count, tracking store);
 3 evaluated, but the tracking server lacks part of the run (the message names the pipeline.sync command).
@@ -40,7 +41,7 @@ class Evaluation:
     run_id: str  # the new evaluation run
     source_run_id: str | None  # the training run it evaluated, when known
     tracking_uri: str
-    files: dict[str, Path]  # what was written locally: report, confusion matrix
+    files: dict[str, Path]  # what was written locally: report, confusion matrix, class activations
     unsynced: str | None = None  # why the server lacks part of the run, and the command that uploads the rest
 
 
@@ -123,6 +124,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from pipeline.cam import class_activation_png
     from pipeline.data.datamodule import TransformedImages
     from pipeline.data.sources import load_data
     from pipeline.data.transforms import eval_transform
@@ -217,6 +219,18 @@ def evaluate(cfg: DictConfig) -> Evaluation:
             ),
         }
         log_files(logger, files)
+        activation = class_activation_png(
+            model,
+            images,
+            spec,
+            splits.classes,
+            OmegaConf.select(cfg, "class_activation.images", default=0),
+            output_dir / "class_activation.png",
+            title=f"{model_name} on {data.name} ({split}): Grad-CAM of the predicted class",
+        )
+        if activation:
+            log_files(logger, {"figures": activation})
+            files["class_activation"] = activation
     return Evaluation(metrics, report, logger.run_id, source.run_id, uri, files, logger.unsynced)
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline import internals, resume
+from pipeline.cam import class_activation_png
 from pipeline.cli import progress_bar
 from pipeline.config import validate
 from pipeline.data.datamodule import ImageDataModule
@@ -267,6 +268,16 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
             title=f"{cfg.model.name} on {cfg.data.name} (test)",
         )
         log_files(logger, {"figures": confusion})
+        activation = class_activation_png(  # Grad-CAM of the predicted class on a few test images
+            module.model,
+            splits.test,
+            spec,
+            splits.classes,
+            OmegaConf.select(cfg, "class_activation.images", default=0),
+            output_dir / "class_activation.png",
+            title=f"{cfg.model.name} on {cfg.data.name} (test): Grad-CAM of the predicted class",
+        )
+        log_files(logger, {"figures": activation} if activation else {})
         if best and cfg.logger.log_checkpoint:
             log_files(logger, {"checkpoints": Path(best)})
         logger.set_tag("checkpoint.weights", "ema" if OmegaConf.select(cfg, "ema.enabled") else "live")

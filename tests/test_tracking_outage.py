@@ -111,7 +111,11 @@ def test_run_outlives_its_server_and_sync_uploads_every_point(root: Path, postgr
         artifacts_logged = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "data", "figures", "checkpoints"} <= artifacts_logged
         figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
-        assert figures == {"figures/augmentation_preview.png", "figures/confusion_matrix.png"}
+        assert figures == {
+            "figures/augmentation_preview.png",
+            "figures/confusion_matrix.png",
+            "figures/class_activation.png",
+        }
         assert RunRecord.load(record_folder).unsynced is None
 
         again = sync(str(root))  # any folder above the run will do
