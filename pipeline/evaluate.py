@@ -5,7 +5,8 @@ The model is rebuilt from the source's config and checkpoint (pipeline.source) a
 ImageClassifier, so the metrics are the ones training reports (`<split>/acc`, `/f1`, `/acc_top5`, `/loss`);
 on the source's own test split and best checkpoint they equal the training's `test/*`. The new run (tags
 kind=evaluation, source_run_id) holds them, a per-class report (`reports/per_class.csv`: precision, recall, F1,
-support) and the confusion matrix (`figures/confusion_matrix.png`), all also written to the output folder.
+support), the confusion matrix (`figures/confusion_matrix.png`) and Grad-CAM heat maps of the predicted class on a few
+of the images (`figures/class_activation.png`), all also written to the output folder.
 
 Exit status: 0 evaluated and logged; 2 an error the message explains (source, data, class count, tracking store);
 3 evaluated, but the tracking server lacks part of the run (the message names the pipeline.sync command).
@@ -40,7 +41,7 @@ class Evaluation:
     run_id: str  # the new evaluation run
     source_run_id: str | None  # the training run it evaluated, when known
     tracking_uri: str
-    files: dict[str, Path]  # what was written locally: report, confusion matrix
+    files: dict[str, Path]  # what was written locally: report, confusion matrix, class activations
     unsynced: str | None = None  # why the server lacks part of the run, and the command that uploads the rest
 
 
@@ -182,8 +183,9 @@ def run_test(cfg: DictConfig, source: Any, model: Any, images: Any, data: DictCo
 
 def evaluate(cfg: DictConfig) -> Evaluation:
     """Check everything a user can get wrong, then test and log the evaluation run."""
+    from pipeline.cam import class_activation_png
     from pipeline.plots import confusion_matrix_png
-    from pipeline.source import build_model, load_source
+    from pipeline.source import build_model, input_spec, load_source
     from pipeline.tracking.logger import flatten
     from pipeline.tracking.runs import log_files, recorded_status
     from pipeline.tracking.store import prepare
@@ -218,6 +220,18 @@ def evaluate(cfg: DictConfig) -> Evaluation:
             "figures": confusion_matrix_png(counts, splits.classes, output_dir / "confusion_matrix.png", title=title),
         }
         log_files(logger, files)
+        activation = class_activation_png(  # Grad-CAM of the predicted class on a few of the images
+            model,
+            images,
+            input_spec(source, model),
+            splits.classes,
+            OmegaConf.select(cfg, "class_activation.images", default=0),
+            output_dir / "class_activation.png",
+            title=f"{title}: Grad-CAM of the predicted class",
+        )
+        if activation:
+            log_files(logger, {"figures": activation})
+            files["class_activation"] = activation
     return Evaluation(metrics, report, logger.run_id, source.run_id, uri, files, logger.unsynced)
 
 

@@ -1,6 +1,7 @@
-"""python -m pipeline.inspect: what a model is and costs, or which models exist.
+"""python -m pipeline.inspect: what a model is and costs, its feature pyramid, or which models exist.
 
 python -m pipeline.inspect model=classic_resnet50 [data=…] [inspect.depth=1]
+python -m pipeline.inspect model=classic_resnet50 inspect.features=true
 python -m pipeline.inspect --list ['*resnet*']
 """
 
@@ -16,6 +17,7 @@ from rich.table import Table
 
 from pipeline.cli import user_errors
 from pipeline.config import CONF_DIR
+from pipeline.errors import UserInputError
 
 
 def list_models(pattern: str = "*") -> None:
@@ -40,6 +42,9 @@ def show(cfg: DictConfig) -> None:
     validate(cfg)
     inputs = build_inputs(cfg)
     shape = (inputs.spec.channels, *inputs.spec.size)
+    if cfg.inspect.features:
+        show_features(cfg.model.name, inputs.model, shape)
+        return
     table = Table(title=f"{cfg.model.name}: input {shape}, {inputs.splits.num_classes} classes")
     for column in ("layer", "type", "output shape", "params", "MFLOPs"):
         table.add_column(column, justify="left" if column in ("layer", "type") else "right")
@@ -51,6 +56,25 @@ def show(cfg: DictConfig) -> None:
     console.print(table)
     console.print(f"parameters: {total:,} ({trainable:,} trainable)")
     console.print(f"FLOPs per image: {count_flops(inputs.model, shape) / 1e9:,.4f} G (a multiply-add = 2 FLOPs)")
+
+
+def show_features(name: str, model: object, shape: tuple[int, int, int]) -> None:
+    """The feature pyramid: what features_only=True, out_indices and forward_intermediates give, level by level."""
+    from pipeline.models.stats import feature_pyramid
+
+    if not hasattr(model, "feature_info") or not hasattr(model, "forward_intermediates"):
+        raise UserInputError(
+            f"inspect.features=true: {name} has no feature_info / forward_intermediates (timm's feature contract), "
+            "so it has no feature pyramid to show. Inspect its layers instead: inspect.features=false."
+        )
+    table = Table(title=f"{name}: feature pyramid at input {shape}")
+    for column in ("stage", "module", "channels", "stride", "output shape"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for level in feature_pyramid(model, shape):
+        table.add_row(str(level.index), level.module, str(level.channels), str(level.stride), str(level.output_shape))
+    console = Console(soft_wrap=True)
+    console.print(table)
+    console.print(f"timm.create_model('{name}', features_only=True, out_indices=(…)) returns these levels.")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="inspect", version_base="1.3")

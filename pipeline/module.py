@@ -19,13 +19,26 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from pipeline.distributed import effective_batch_size
 from pipeline.ema import WEIGHTS_KEY
-from pipeline.errors import TrainingDiverged
+from pipeline.errors import TrainingDiverged, UserInputError
 from pipeline.metrics import EpochMetrics
 from pipeline.models.factory import head_and_backbone
-from pipeline.recipes import scaled_lr
+from pipeline.recipes import ParameterGroups, name_groups, scaled_lr
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """timm's switch: the model recomputes its blocks' activations in the backward pass instead of keeping them."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as error:  # no method; timm's VGG etc. assert
+        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        raise UserInputError(
+            f"perf.grad_checkpointing=true: {name} does not support gradient checkpointing "
+            f"({error or type(error).__name__}). Set perf.grad_checkpointing=false, or pick a model that has it "
+            "(ours, timm's ResNets, EfficientNets, ConvNeXts, ViTs, …)."
+        ) from error
 
 
 class ImageClassifier(L.LightningModule):
@@ -44,11 +57,16 @@ class ImageClassifier(L.LightningModule):
         lr_scale: str = "linear",
         channels_last: bool = False,
         compile: bool = False,
+        grouping: ParameterGroups | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         """`mixup` (timm's, or None) mixes every training batch until epoch `mixup_off_epoch` (None: to the end);
         with it the training loss is soft-target cross-entropy. `lr_base` (None: the optimizer's lr as is) is the
         learning rate per 256 images, scaled (`lr_scale`: linear | sqrt) to the effective batch size.
-        `channels_last` and `compile` (torch.compile, in place) are applied to the model at set-up."""
+        `channels_last` and `compile` (torch.compile, in place) are applied to the model at set-up. `grouping`
+        makes the optimizer's parameter groups (weight decay, layer decay; None: one group), and
+        `backbone_lr_factor` scales the backbone's part of each. `grad_checkpointing` turns on the model's own
+        (timm's set_grad_checkpointing) here, so a model without it fails before anything trains."""
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
@@ -60,9 +78,12 @@ class ImageClassifier(L.LightningModule):
         self.train_criterion = SoftTargetCrossEntropy() if mixup is not None else self.criterion
         self.lr_base, self.lr_scale = lr_base, lr_scale
         self.channels_last, self.compile_model = channels_last, compile
+        if grad_checkpointing:
+            enable_grad_checkpointing(model)
         self.compiled = False  # setup runs for fit and again for test: compile once
         self.aux_weight = aux_weight
         self.backbone_lr_factor = backbone_lr_factor
+        self.grouping = grouping or ParameterGroups()
         self.train_metrics, self.val_metrics, self.test_metrics = (
             EpochMetrics(num_classes, prefix=f"{split}/") for split in ("train", "val", "test")
         )
@@ -167,12 +188,27 @@ class ImageClassifier(L.LightningModule):
         checkpoint.setdefault(WEIGHTS_KEY, "live")  # the EMA callback, called first, sets "ema"
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """One group; or, with a backbone_lr_factor other than 1, the head and the backbone apart (discriminative
-        learning rates). Frozen parameters stay in their group: without gradients the optimizer skips them."""
-        if self.backbone_lr_factor == 1:
-            return [{"params": list(self.parameters())}]
-        head, backbone = head_and_backbone(self.model)
-        return [{"params": head, "name": "head"}, {"params": backbone, "name": "backbone"}]
+        """timm's parameter groups (see pipeline.recipes); with a backbone_lr_factor other than 1, each split into its
+        head and backbone parts, the backbone's at lr_scale × the factor (discriminative learning rates). Frozen
+        parameters stay in their groups: without gradients the optimizer skips them until they are unfrozen."""
+        groups = self.grouping(self.model)
+        if self.backbone_lr_factor != 1:
+            head = {id(p) for p in head_and_backbone(self.model)[0]}
+            groups = [
+                {
+                    **group,
+                    "params": params,
+                    "lr_scale": group.get("lr_scale", 1.0) * (self.backbone_lr_factor if part == "backbone" else 1.0),
+                    "name_parts": [part, *group["name_parts"]],
+                }
+                for group in groups
+                for part, params in (
+                    ("head", [p for p in group["params"] if id(p) in head]),
+                    ("backbone", [p for p in group["params"] if id(p) not in head]),
+                )
+                if params
+            ]
+        return name_groups(groups)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameter_groups())
@@ -191,8 +227,7 @@ class ImageClassifier(L.LightningModule):
                     " a step"
                 )
         for group in optimizer.param_groups:
-            if group.get("name") == "backbone":
-                group["lr"] *= self.backbone_lr_factor  # before the scheduler takes each group's lr as its base
+            group["lr"] *= group.get("lr_scale", 1.0)  # before the scheduler takes each group's lr as its base
         max_epochs = self.trainer.max_epochs
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max_epochs)
         scheduler = self.scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)

@@ -15,11 +15,12 @@ from pathlib import Path
 import lightning as L
 import timm
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline import checkpointing, internals, resume
+from pipeline.cam import class_activation_png
 from pipeline.checkpointing import AtomicCheckpointIO
 from pipeline.cli import progress_bar
 from pipeline.config import ConfigError, check_arguments, validate
@@ -43,7 +44,7 @@ from pipeline.models.stats import count_flops, count_parameters
 from pipeline.models.weights import WeightsError
 from pipeline.module import ImageClassifier, SchedulerFactory
 from pipeline.plots import confusion_matrix_png
-from pipeline.recipes import build_mixup, mixup_enabled, optimizer_factory
+from pipeline.recipes import LearningRates, ParameterGroups, build_mixup, mixup_enabled, optimizer_factory
 from pipeline.resume import ConfigCheckpoint, RandomStateCheckpoint
 from pipeline.schedules import fit_warmup
 from pipeline.tracking.checkpoints import local_weights
@@ -112,7 +113,7 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, tracked: bool = True)
         CheckpointOnException(checkpoint_dir / "interrupted.ckpt"),
         RandomStateCheckpoint(),
         ConfigCheckpoint(cfg),
-        *([LearningRateMonitor(logging_interval="epoch")] if tracked else []),
+        *([LearningRates()] if tracked else []),  # one curve per learning rate, however many groups share it
         BackboneFreeze(cfg.finetune.unfreeze_epoch),  # conf/finetune: which parameters train when
     ]
     if cfg.checkpoint.save_last:
@@ -308,6 +309,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         model,
         num_classes=splits.num_classes,
         optimizer=optimizer_factory(cfg.optim),
+        grouping=ParameterGroups.from_config(cfg.optim),  # weight decay and layer decay per parameter group
         scheduler=scheduler,
         label_smoothing=cfg.loss.label_smoothing,
         aux_weight=cfg.loss.aux_weight,
@@ -318,6 +320,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         lr_scale=cfg.optim.get("lr_scale", "linear"),
         channels_last=OmegaConf.select(cfg, "perf.channels_last", default=False),
         compile=OmegaConf.select(cfg, "perf.compile", default=False),
+        grad_checkpointing=OmegaConf.select(cfg, "perf.grad_checkpointing", default=False),
     )
     if cfg.resume is not None:
         resume.check_fits(module, cfg.resume)  # before anything is written into the run's folder
@@ -373,6 +376,16 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
                 title=f"{cfg.model.name} on {cfg.data.name} (test)",
             )
             log_files(logger, {"figures": confusion})
+            activation = class_activation_png(  # Grad-CAM of the predicted class on a few test images
+                module.model,
+                splits.test,
+                spec,
+                splits.classes,
+                OmegaConf.select(cfg, "class_activation.images", default=0),
+                output_dir / "class_activation.png",
+                title=f"{cfg.model.name} on {cfg.data.name} (test): Grad-CAM of the predicted class",
+            )
+            log_files(logger, {"figures": activation} if activation else {})
             model_id = log_best_model(logger, cfg, module.model, best, splits, spec, trainer.global_step)
             if best and cfg.logger.log_checkpoint:
                 log_files(logger, {"checkpoints": Path(best)})

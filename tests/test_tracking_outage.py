@@ -119,7 +119,11 @@ def test_run_outlives_its_server_and_sync_uploads_every_point(root: Path, postgr
         assert contexts == {"training", "validation", "test"}, "logged before the server died, not again"
         assert RunRecord.load(record_folder).model["model_id"] == model.model_id
         figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
-        assert figures == {"figures/augmentation_preview.png", "figures/confusion_matrix.png"}
+        assert figures == {
+            "figures/augmentation_preview.png",
+            "figures/confusion_matrix.png",
+            "figures/class_activation.png",
+        }
         assert RunRecord.load(record_folder).unsynced is None
 
         again = sync(str(root))  # any folder above the run will do

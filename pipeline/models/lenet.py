@@ -4,12 +4,17 @@ Layer names follow the paper's figure 2: C1 → S2 → C3 → S4 → C5 → F6 �
 Two simplifications are the usual modern ones: S2/S4 are plain pooling (the paper's subsampling layers
 had a trainable coefficient and bias), and the output is a linear layer (the paper used Euclidean RBF
 units). C5 is a 5×5 convolution over 5×5 maps, i.e. fully connected to S4; it is written as a Linear.
+
+timm's model contract, as timm's VGG has it: `forward_features` ends with S4's 16 maps (`num_features`), C5 and F6
+are the head's pre-logits (`head_hidden_size` 84); the feature levels (`feature_info`) are the convolutions C1 and
+C3 after their activation, ahead of the pooling that follows each, and last S4. `group_matcher` orders C1 (the
+stem), C3, C5, F6, and the output layer (the head). (No `from __future__ import annotations` here: see
+pipeline/models/resnet.py.)
 """
 
-from __future__ import annotations
-
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -32,8 +37,8 @@ class LeNet5(nn.Module):
             raise ValueError(f"lenet5: pool={pool!r} is not one of {sorted(POOLS)}")
         activation, pooling = ACTIVATIONS[act], POOLS[pool]
         self.num_classes = num_classes
-        self.num_features = 84
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, 6, kernel_size=5),  # C1: 32×32 → 6@28×28
             activation(),
@@ -42,24 +47,95 @@ class LeNet5(nn.Module):
             activation(),
             pooling(kernel_size=2),  # S4: → 16@5×5
         )
+        self.num_features = 16
+        self.feature_info = [
+            {"num_chs": 6, "reduction": 1, "module": "features.1"},  # C1
+            {"num_chs": 16, "reduction": 2, "module": "features.4"},  # C3
+            {"num_chs": 16, "reduction": 4, "module": "features.5"},  # S4
+        ]
+        self.feature_ends = [int(info["module"].split(".")[1]) for info in self.feature_info]
+        self.head_hidden_size = 84
         self.pre_logits = nn.Sequential(
             nn.Flatten(),
             nn.Linear(16 * 5 * 5, 120),  # C5
             activation(),
-            nn.Linear(120, self.num_features),  # F6
+            nn.Linear(120, self.head_hidden_size),  # F6
             activation(),
         )
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
-    # The timm model interface, so transfer-learning code treats LeNet-5 like any timm backbone.
+    # timm's model interface, so transfer-learning code treats LeNet-5 like any timm backbone.
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, object]:
+        """Parameter groups by depth (layer-wise LR decay): C1, then C3, C5 and F6; the head is the output layer."""
+        layers = [(r"^features\.3\.", (0,)), (r"^pre_logits\.1\.", (1,)), (r"^pre_logits\.3\.", (2,))]
+        return {"stem": r"^features\.0\.", "blocks": layers}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in the backward pass instead of keeping them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new output layer for `num_classes` (0: none, forward_head returns F6). LeNet-5 has no global pooling
+        (C5 reads all of S4's 5×5 maps), so `global_pool` can only be None or "" (none)."""
+        if global_pool:
+            raise ValueError(f"lenet5: global_pool={global_pool!r}: LeNet-5 has no global pooling (C5 reads S4 whole)")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        parameter = next(self.parameters())  # the new layer where the model is, in its dtype
+        self.head = (
+            nn.Linear(self.head_hidden_size, num_classes, device=parameter.device, dtype=parameter.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.head.train(self.training)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final features and the feature maps at `indices` of `feature_info` (an int n: the last n; None:
+        all). `stop_early` skips the layers after the last feature asked for; `norm` does nothing (no final norm)."""
+        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_ends = [self.feature_ends[i] for i in take_indices]
+        layers = self.features[: self.feature_ends[max_index] + 1] if stop_early else self.features
+        for index, layer in enumerate(layers):
+            x = layer(x)
+            if index in take_ends:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Remove the layers after the last feature at `indices`, and the head with C5 and F6 (which read S4 only):
+        forward_head then returns the feature maps. Returns the absolute indices kept."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.features = self.features[: self.feature_ends[max_index] + 1]
+        if max_index < len(self.feature_info) - 1:
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        self.pre_logits = nn.Identity()
+        self.head = nn.Identity()
+        self.num_classes = 0
+        self.head_hidden_size = self.num_features
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.features, x)
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -75,13 +151,20 @@ def _cfg(**kwargs: object) -> dict[str, object]:
     return {
         "num_classes": 10,
         "input_size": (1, 32, 32),
-        "pool_size": None,
+        "pool_size": (5, 5),  # S4's maps at input_size
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "mean": (0.5,),
         "std": (0.5,),
         "first_conv": "features.0",
         "classifier": "head",
+        # Only 32×32 fits (C5 is fully connected to S4's 5×5 maps); not timm's `fixed_input_size`, which is for models
+        # that take an `img_size` argument.
+        "description": "LeNet-5 of figure 2 for 32×32 images, with plain pooling for S2/S4 and a linear output layer",
+        # No `url`/`hf_hub_id` and so no `license`: there are no published weights (timm's license is the weights').
+        "notes": ("No published weights.",),
+        "paper_name": "Gradient-Based Learning Applied to Document Recognition",
+        "paper_ids": "doi:10.1109/5.726791",
         **kwargs,
     }
 
@@ -93,4 +176,6 @@ default_cfgs = generate_default_cfgs({"lenet5": _cfg()})
 @register_model
 def lenet5(pretrained: bool = False, **kwargs: object) -> LeNet5:
     """LeNet-5 for 32×32 inputs; `act=tanh|relu`, `pool=avg|max` (the paper: tanh and average pooling)."""
-    return build_model_with_cfg(LeNet5, "lenet5", pretrained, **kwargs)
+    # Three feature levels, and the features Sequential opened up so timm's wrappers can stop inside it.
+    feature_cfg = {"out_indices": (0, 1, 2), "flatten_sequential": True}
+    return build_model_with_cfg(LeNet5, "lenet5", pretrained, feature_cfg=feature_cfg, **kwargs)

@@ -15,12 +15,18 @@ from loading into a model with another number of classes.
 For the timm interface the "classifier" is that last mlpconv (`head`): `forward_features` stops before it,
 `forward_head(pre_logits=True)` returns the globally pooled 192 features it would read, and
 `reset_classifier(k)` builds a new last mlpconv with k output maps.
+
+The feature levels (`feature_info`) are the outputs of the two mlpconv blocks before the head (strides 1 and 2,
+ahead of the pooling that follows each) and, last, what `forward_features` returns (stride 4), as timm's VGG takes
+each conv stage before its max-pool and then the final pooled map. `group_matcher` gives the first mlpconv as the
+stem, the second as the one block, the class-map mlpconv as the head. (No `from __future__ import annotations`
+here: see pipeline/models/resnet.py.)
 """
 
-from __future__ import annotations
-
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import SelectAdaptivePool2d, get_device_dtype
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -66,12 +72,14 @@ class NiN(nn.Module):
         in_chans: int = 3,
         batch_norm: bool = False,
         dropout: float = 0.5,
+        global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.batch_norm = batch_norm
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.num_features = 192
         # Pooling rounds up like the authors' Caffe model: 32×32 → 16×16 → 8×8.
         self.features = nn.Sequential(
@@ -82,8 +90,15 @@ class NiN(nn.Module):
             nn.AvgPool2d(kernel_size=3, stride=2, ceil_mode=True),
             nn.Dropout(dropout),
         )
+        self.feature_info = [
+            {"num_chs": 96, "reduction": 1, "module": "features.0"},
+            {"num_chs": 192, "reduction": 2, "module": "features.3"},
+            {"num_chs": self.num_features, "reduction": 4, "module": "features.5"},
+        ]
+        self.feature_ends = [int(info["module"].split(".")[1]) for info in self.feature_info]
         self.head = self._make_head(num_classes)
-        self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.global_pool = self._make_pool(global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
         # He initialisation: without BN, PyTorch's default init shrinks the signal through nine ReLU layers.
         # (The paper's hand-tuned Gaussian standard deviations were chosen for its Caffe setup.)
@@ -101,15 +116,82 @@ class NiN(nn.Module):
             self.num_features, (192, 192, num_classes), kernel_size=3, batch_norm=self.batch_norm, norm_last=False
         )
 
-    # The timm model interface, so transfer-learning code treats NiN like any timm backbone.
+    @staticmethod
+    def _make_pool(global_pool: str) -> SelectAdaptivePool2d:
+        """timm's global pooling of the class maps; one value per map, since each pooled map is a logit."""
+        pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))  # no pooling: the maps stay
+        if pool.feat_mult() != 1:
+            raise ValueError(
+                f"nin: global_pool={global_pool!r} gives {pool.feat_mult()} values per class map, but NiN's logits are "
+                "its pooled class maps: use avg, max, avgmax, or '' (none)"
+            )
+        return pool
+
+    # timm's model interface, so transfer-learning code treats NiN like any timm backbone.
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups by depth (layer-wise LR decay): the first mlpconv, the second; the head is the rest."""
+        return {"stem": r"^features\.0\.", "blocks": r"^features\.(\d+)\."}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in the backward pass instead of keeping them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new last mlpconv with `num_classes` maps (0: none, forward_head pools the features); `global_pool`
+        (timm's pool types, "" for none) replaces the pooling, None keeps it."""
         self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        self.head = self._make_head(num_classes).to(**get_device_dtype(self))  # where the model is, in its dtype
+        self.head.train(self.training)
+        if global_pool is not None:
+            self.global_pool = self._make_pool(global_pool)
+            self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final features and the feature maps at `indices` of `feature_info` (an int n: the last n; None:
+        all). `stop_early` skips the layers after the last feature asked for; `norm` does nothing (no final norm)."""
+        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_ends = [self.feature_ends[i] for i in take_indices]
+        layers = self.features[: self.feature_ends[max_index] + 1] if stop_early else self.features
+        for index, layer in enumerate(layers):
+            x = layer(x)
+            if index in take_ends:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Remove the layers after the last feature at `indices` (and the head); returns the absolute indices kept."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.features = self.features[: self.feature_ends[max_index] + 1]
+        prune_end = max_index < len(self.feature_info) - 1
+        if prune_end:  # the features now end at the last kept level; a head sized for the final ones cannot stay
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.features, x)
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -126,7 +208,7 @@ def _cfg(**kwargs: object) -> dict[str, object]:
     return {
         "num_classes": 10,
         "input_size": (3, 32, 32),
-        "pool_size": None,
+        "pool_size": (8, 8),  # the final feature map at input_size: 32 / 4
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "mean": CIFAR_MEAN,
@@ -134,6 +216,11 @@ def _cfg(**kwargs: object) -> dict[str, object]:
         "first_conv": "features.0.conv",
         # The whole last mlpconv is the classifier: timm drops all of it when loading weights for other classes.
         "classifier": ("head.conv", "head.cccp1", "head.cccp2"),
+        "description": "Network in Network, the authors' CIFAR-10 model: three mlpconv blocks, global average pooling",
+        # No `url`/`hf_hub_id` and so no `license`: there are no published weights (timm's license is the weights').
+        "notes": ("No published weights.",),
+        "paper_name": "Network In Network",
+        "paper_ids": "arXiv:1312.4400",
         **kwargs,
     }
 
@@ -145,4 +232,6 @@ default_cfgs = generate_default_cfgs({"nin": _cfg()})
 @register_model
 def nin(pretrained: bool = False, **kwargs: object) -> NiN:
     """Network in Network for 32×32 images; `batch_norm` (default off, as the paper), `dropout` (0.5, the paper)."""
-    return build_model_with_cfg(NiN, "nin", pretrained, **kwargs)
+    # Three feature levels, and the features Sequential opened up so timm's wrappers can stop inside it.
+    feature_cfg = {"out_indices": (0, 1, 2), "flatten_sequential": True}
+    return build_model_with_cfg(NiN, "nin", pretrained, feature_cfg=feature_cfg, **kwargs)

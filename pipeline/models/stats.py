@@ -70,3 +70,31 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, int, int], depth: int)
                   sum(p.numel() for p in modules[name].parameters()), int(flops.get(name, 0)))
         for name in sorted(shapes, key=order.index)
     ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FeatureLevel:
+    index: int  # in timm's feature_info: what out_indices and forward_intermediates(indices=…) count
+    module: str  # the module whose output the level is
+    channels: int
+    stride: int  # timm's "reduction": input pixels per feature-map pixel
+    output_shape: tuple[int, ...]  # for one image of the input shape
+
+
+def feature_pyramid(model: nn.Module, input_shape: tuple[int, int, int]) -> list[FeatureLevel]:
+    """The model's feature levels (timm's feature_info) with the shape each has for one image of shape (C, H, W),
+    from one forward_intermediates pass."""
+    info = model.feature_info
+    info = getattr(info, "info", info)  # a FeatureInfo, or timm's plain list of dicts
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            maps = model.forward_intermediates(torch.zeros(1, *input_shape, device=device), intermediates_only=True)
+    finally:
+        model.train(was_training)
+    return [
+        FeatureLevel(index, level["module"], level["num_chs"], level["reduction"], tuple(output.shape))
+        for index, (level, output) in enumerate(zip(info, maps, strict=True))
+    ]
