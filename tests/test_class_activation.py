@@ -128,6 +128,7 @@ def figures(root: Path, run_id: str) -> list[str]:
     return [Path(f.path).name for f in mlflow.MlflowClient(store_uri(root)).list_artifacts(run_id, "figures")]
 
 
+@pytest.mark.slow
 def test_a_run_logs_its_class_activation_figure(trained: tuple[Path, RunResult]) -> None:
     root, result = trained
     assert "class_activation.png" in figures(root, result.run_id)
@@ -135,6 +136,7 @@ def test_a_run_logs_its_class_activation_figure(trained: tuple[Path, RunResult])
     assert width > height, "three test images side by side"
 
 
+@pytest.mark.slow
 def test_evaluate_logs_one_for_the_images_it_evaluates(trained: tuple[Path, RunResult]) -> None:
     root, result = trained
     evaluation = evaluate(

@@ -25,6 +25,7 @@ class Seen(L.Callback):
         self.checkpointing = pl_module.model.grad_checkpointing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["model=lenet5", "model=timm model.name=test_resnet model.pretrained=false"])
 def test_a_run_trains_with_checkpointing_on(root: Path, model: str) -> None:
     seen = Seen()

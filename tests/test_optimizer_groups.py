@@ -141,6 +141,7 @@ def test_wrong_values_fail_before_training(root: Path, override: str, named: str
     assert named in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_run_trains_with_layer_decay_and_logs_one_curve_per_learning_rate(root: Path) -> None:
     lr, decay, epochs = 0.04, 0.5, 2
     result = run(

@@ -21,6 +21,7 @@ from tests.helpers.isolation import isolated, run_isolated
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.e2e,
+    pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root"),
 ]
 

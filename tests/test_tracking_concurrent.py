@@ -29,7 +29,7 @@ from tests.helpers.isolation import isolated
 from tests.helpers.mlflow_server import Served
 from tests.helpers.postgres import Database
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
 
 EPOCHS = 3
 SMALL = (
