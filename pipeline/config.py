@@ -243,7 +243,9 @@ def validate(cfg: DictConfig) -> None:
 # Nodes built without a `_target_` of their own, and what they are given to.
 IMPLIED_TARGETS = {"trainer": "lightning.pytorch.Trainer"}
 # Keys of a node that we read ourselves and never pass to its target.
-NOT_ARGUMENTS = {"optim": ("lr_base", "lr_scale")}
+# optim keys the pipeline reads itself (LR scaling, timm's parameter groups); the rest go to the optimizer.
+OPTIM_KEYS_OF_OURS = ("lr_base", "lr_scale", "filter_bias_and_bn", "layer_decay")
+NOT_ARGUMENTS = {"optim": OPTIM_KEYS_OF_OURS}
 AUG_CHECK_SIZE = (32, 32)  # the augmentation is checked before the model gives its input size
 
 

@@ -1,4 +1,4 @@
-"""Every use of Lightning's and MLflow's private internals, in one place: each is something no public API does.
+"""Every use of Lightning's, timm's and MLflow's private internals, in one place: each is something no public API does.
 
 An upgrade of Lightning or MLflow may rename or change any of these without notice; tests/test_internals.py checks
 each one and says what changed and where it is used.
@@ -7,6 +7,8 @@ each one and says what changed and where it is used.
   remake_train_iterator   RandomStateCheckpoint (pipeline/resume.py): the first epoch's loader iterator, made again
   WatchedDDPStrategy      ReportingDDPStrategy (pipeline/distributed.py): a hook before Lightning's DDP launcher
                           kills every process because one rank died
+  auto_group_layers       ParameterGroups (pipeline/recipes.py): timm's layer numbering for a model without
+                          group_matcher, as timm's own layer-decay helper numbers it
   async_logging_done      RecordedMLFlowLogger (pipeline/tracking/logger.py): whether MLflow's asynchronous
                           logging has finished a batch, without waiting for it
   process_tracking_uri    pipeline.register: MLflow's process-wide tracking URI set for a block, then restored
@@ -144,3 +146,15 @@ def process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
+def auto_group_layers(model: Any) -> Any:
+    """timm's fallback layer groups for a model without `group_matcher` (each top-level child a layer), the numbering
+    `param_groups_layer_decay` uses for such models.
+
+    Private: `timm.optim._param_groups.auto_group_layers`. timm exports the helpers that take a model
+    (`param_groups_layer_decay`), not this one, which the pipeline needs to tell which layer a parameter is in.
+    """
+    from timm.optim._param_groups import auto_group_layers as timm_auto_group_layers
+
+    return timm_auto_group_layers(model)

@@ -26,14 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from timm.data import Mixup
 from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-from timm.optim._param_groups import auto_group_layers
 from torch import nn
 from torch.optim import Optimizer
 
+from pipeline.config import OPTIM_KEYS_OF_OURS
+from pipeline.internals import auto_group_layers
+
 LR_REFERENCE_BATCH = 256  # optim.lr_base is the learning rate for this many images per optimizer step
 LR_SCALES = ("linear", "sqrt")
-# In conf/optim/*.yaml, but read by the training module, not arguments of the optimizer.
-MODULE_KEYS = ("lr_base", "lr_scale", "filter_bias_and_bn", "layer_decay")
 NO_DECAY = "no_decay"  # the name part of a group without weight decay
 
 
@@ -47,7 +47,7 @@ def scaled_lr(lr_base: float, batch_size: int, rule: str = "linear") -> float:
 
 def optimizer_factory(optim: DictConfig) -> Callable[[Iterable[nn.Parameter]], Optimizer]:
     """`conf/optim/*.yaml` as a partial optimizer, without the keys the training module reads itself."""
-    arguments = {k: v for k, v in OmegaConf.to_container(optim, resolve=True).items() if k not in MODULE_KEYS}
+    arguments = {k: v for k, v in OmegaConf.to_container(optim, resolve=True).items() if k not in OPTIM_KEYS_OF_OURS}
     return instantiate(arguments)
 
 

@@ -9,7 +9,6 @@ import mlflow
 import pytest
 from lightning.pytorch.callbacks import (
     Callback,
-    LearningRateMonitor,
     ModelCheckpoint,
     StochasticWeightAveraging,
     Timer,
@@ -17,6 +16,7 @@ from lightning.pytorch.callbacks import (
 
 from pipeline.config import CONF_DIR, ConfigError, validate
 from pipeline.finetune import BackboneFreeze
+from pipeline.recipes import LearningRates
 from pipeline.resume import RandomStateCheckpoint
 from pipeline.run import CheckpointOnException, declared_callbacks, run
 from tests.conftest import compose_in, run_cli, store_uri
@@ -48,7 +48,7 @@ def test_swa_from_the_command_line_trains_beside_the_pipelines_own_callbacks(roo
     result = run(compose_in(root, [*overrides, "trainer.max_epochs=3", "optim.lr=0.05"]), callbacks=[kinds])
 
     assert StochasticWeightAveraging in kinds.kinds
-    own = {ModelCheckpoint, CheckpointOnException, RandomStateCheckpoint, LearningRateMonitor, BackboneFreeze}
+    own = {ModelCheckpoint, CheckpointOnException, RandomStateCheckpoint, LearningRates, BackboneFreeze}
     assert own <= kinds.kinds, "the pipeline's callbacks are all still there"
     client = mlflow.MlflowClient(store_uri(root))
     lrs = [point.value for point in client.get_metric_history(result.run_id, "lr-SGD")]

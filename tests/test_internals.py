@@ -404,3 +404,20 @@ def test_the_process_tracking_uri_is_set_for_a_block_and_given_back(
         require(mlflow.MlflowClient()._tracking_client.tracking_uri == inside, "a new client does not use it", used_by)
     require(utils._tracking_uri is None, "the process-wide URI is not given back unset", used_by)
     require(mlflow.get_tracking_uri() == "sqlite:///elsewhere.db", "the variable is not given back", used_by)
+
+
+def test_timm_numbers_the_layers_of_a_model_without_a_group_matcher() -> None:
+    import timm
+
+    used_by = "ParameterGroups layer decay (pipeline/recipes.py layer_ids)"
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(30)])
+    try:
+        layers = internals.auto_group_layers(model)
+    except (ImportError, AttributeError, TypeError) as error:
+        message = f"timm {timm.__version__}: timm.optim._param_groups.auto_group_layers changed ({error})"
+        pytest.fail(f"{message}. Used by {used_by}.", pytrace=False)
+    numbers = [layers.get(name) for name, _ in model.named_parameters()]
+    require(None not in numbers, "auto_group_layers no longer maps every parameter name to a layer", used_by)
+    require(
+        numbers == sorted(numbers) and numbers[0] < numbers[-1], "auto_group_layers numbers layers otherwise", used_by
+    )
