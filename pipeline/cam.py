@@ -137,7 +137,10 @@ def _draw(
 
     columns = min(4, len(indices))
     rows = -(-len(indices) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.8 * columns, 3.0 * rows + 0.4), squeeze=False)
+    # Constrained layout keeps every title (two lines each, and the figure's) clear of the images.
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.8 * columns, 3.0 * rows + 0.4), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, (_, label), guess, cam in zip(axes.flat, shown, samples, predicted, heat.numpy(), strict=False):
@@ -149,7 +152,6 @@ def _draw(
             color="darkgreen" if guess == label else "firebrick",
         )
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
