@@ -241,9 +241,11 @@ def build_trainer(
     cfg: DictConfig, output_dir: Path, logger: RecordedMLFlowLogger | None, callbacks: Sequence[Callback]
 ) -> L.Trainer:
     arguments = instantiate(cfg.trainer, _convert_="all")  # a strategy given by _target_ becomes its object
+    given = arguments.pop("plugins", None) or []  # e.g. Ray's cluster environment for a trial spread over workers
     trainer = L.Trainer(
         **arguments,
-        plugins=[AtomicCheckpointIO()],  # checkpoints written whole or not at all, never with NaN weights
+        # checkpoints written whole or not at all, never with NaN weights
+        plugins=[*(given if isinstance(given, list) else [given]), AtomicCheckpointIO()],
         logger=logger or False,
         callbacks=[*build_callbacks(cfg, output_dir / "checkpoints", tracked=logger is not None), *callbacks],
         default_root_dir=output_dir,
