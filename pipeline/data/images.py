@@ -217,7 +217,7 @@ def content_chunks(part: LabelledImages, indices: np.ndarray | None = None) -> I
             yield np.ascontiguousarray(part.images[indices[start : start + CHUNK_IMAGES]])
     elif isinstance(part, ImageFileSet):
         for index in indices:
-            data = Path(str(part.paths[index])).read_bytes()
+            data = Path(stored_path(str(part.paths[index]))).read_bytes()
             yield np.int64(len(data)).tobytes() + data  # the length keeps file boundaries part of the fingerprint
     else:  # any other LabelledImages: its decoded pixels
         for index in indices:
