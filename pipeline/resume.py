@@ -304,7 +304,8 @@ def resolve(cfg: DictConfig, lead: bool = True) -> DictConfig:
         if not path.is_file():
             raise ResumeError(f"resume={given}: no such checkpoint file. Give an existing .ckpt or an MLflow run id.")
         checkpoint, run_id = path.resolve(), _run_of_checkpoint(path)
-        check_checkpoint(checkpoint, given)  # a file that is no training checkpoint at all is named as such first
+        if run_id is None:  # not one of our runs' folders: a file that is no training checkpoint is named as such
+            check_checkpoint(checkpoint, given)
         reason = checkpointing.problem(checkpoint)
         if reason is not None:
             sound, _ = newest_sound(checkpoint.parent.parent)

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.errors import UserInputError
 from pipeline.tracking import processes
 from pipeline.tracking.checkpoints import get_run
-from pipeline.tracking.datasets import dataset_inputs, missing_inputs
+from pipeline.tracking.datasets import dataset_inputs, log_inputs, missing_inputs
 from pipeline.tracking.logger import SENT_ERRORS
 from pipeline.tracking.processes import close_stale_runs
 from pipeline.tracking.record import (
@@ -95,7 +95,7 @@ def sync(record: RunRecord, uri: str) -> str:
             missing.append(relative)
     datasets = missing_inputs(run, record.datasets)
     if datasets:
-        client.log_inputs(run_id, dataset_inputs(datasets))
+        log_inputs(client, run_id, dataset_inputs(datasets))
     model = _sync_model(client, record, run_id)
     status = record.status
     if status == "RUNNING":  # the record has no end: still training, or killed before it could say

@@ -11,7 +11,7 @@ import pytest
 from pipeline.run import run
 from tests.conftest import compose_in, store_uri
 
-pytestmark = [pytest.mark.slow, pytest.mark.slow, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def test_two_best_checkpoints_are_kept_and_the_best_is_tested_and_logged(root: Path) -> None:

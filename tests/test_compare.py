@@ -19,7 +19,7 @@ from pipeline.errors import UserInputError
 from pipeline.run import run
 from tests.conftest import REPO, clean_env, compose_in, store_uri
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 QUICK = ("trainer.max_epochs=2", "trainer.limit_train_batches=4", "scheduler.warmup_epochs=0")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,8 +17,6 @@ from tests.helpers.isolation import isolated, run_isolated
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.e2e,
-    pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (gloo's isolation) need root"),
 ]
 

@@ -28,7 +28,7 @@ from tests.conftest import QUIET, REPO, clean_env, run_cli, store_uri
 from tests.helpers.mlflow_server import free_port, start, stop, wait_until_closed
 from tests.helpers.postgres import Database
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 SEED = 2026  # every random kill moment is drawn from it: a failure replays exactly
 EPOCHS = 5

@@ -10,7 +10,7 @@ import pytest
 from pipeline.run import run
 from tests.conftest import compose_in, store_uri
 
-pytestmark = [pytest.mark.slow, pytest.mark.slow, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 TINY = [
     "trainer.max_epochs=2",

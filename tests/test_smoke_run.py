@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import clean_env, run_cli, store_uri
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "smoke tests"
 

@@ -20,8 +20,6 @@ from tests.helpers.isolation import isolated, run_isolated
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.e2e,
-    pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root"),
 ]
 

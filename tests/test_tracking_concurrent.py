@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from tests.helpers.isolation import isolated
 from tests.helpers.mlflow_server import Served
 from tests.helpers.postgres import Database
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 EPOCHS = 3
 SMALL = (
@@ -42,6 +44,7 @@ SMALL = (
     "logger.log_checkpoint=false",
 )
 TRAININGS = 3
+RACERS = 8  # runs logging one new dataset at the same moment
 USER, SECRET = "ci-robot", "pa55-do-not-log-me"  # what MLFLOW_TRACKING_USERNAME / PASSWORD hold
 CAN_ISOLATE = os.geteuid() == 0  # network namespaces (Ray's isolation) need root
 
@@ -159,3 +162,36 @@ def test_credentials_from_the_environment_are_never_logged_or_printed(concurrent
         assert SECRET not in record.read_text()
     if concurrent.sweep_log is not None:
         assert SECRET not in concurrent.sweep_log
+
+
+def test_runs_logging_one_new_dataset_at_once_each_have_it(tracking_server: Served) -> None:
+    """MLflow's store inserts a dataset it has not seen without a lock: runs that log the same new dataset at the same
+    moment (trainings started together on one data set) race for the insert. Every run ends up with it all the same."""
+    from mlflow.entities import Dataset, DatasetInput
+
+    from pipeline.tracking.datasets import log_inputs
+
+    client = mlflow.MlflowClient(tracking_server.url)
+    experiment = client.create_experiment(f"dataset-race-{os.getpid()}-{time.time_ns()}")
+    runs = [client.create_run(experiment).info.run_id for _ in range(RACERS)]
+    dataset = Dataset(name="digits-train", digest=f"{time.time_ns() % 16**8:08x}", source_type="code", source="{}")
+    start = threading.Barrier(RACERS)
+    failures: list[BaseException] = []
+
+    def race(run_id: str) -> None:
+        own = mlflow.MlflowClient(tracking_server.url)
+        start.wait()
+        try:
+            log_inputs(own, run_id, [DatasetInput(dataset)])  # with one attempt, some of the 8 fail here
+        except BaseException as error:  # collected for the assertion below
+            failures.append(error)
+
+    threads = [threading.Thread(target=race, args=(run_id,)) for run_id in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[0]
+    for run_id in runs:
+        (linked,) = client.get_run(run_id).inputs.dataset_inputs
+        assert linked.dataset.digest == dataset.digest

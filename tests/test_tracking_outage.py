@@ -18,7 +18,7 @@ from tests.conftest import QUIET, REPO, clean_env
 from tests.helpers.mlflow_server import free_port, start, stop, wait_until_closed
 from tests.helpers.postgres import Database
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 EPOCHS = 30  # long enough to outlast the first send (metric points go out every 2 s): the server dies mid-run
 SMALL = ("trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2")

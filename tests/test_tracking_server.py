@@ -12,7 +12,7 @@ from pipeline.source import load_source
 from tests.conftest import run_cli
 from tests.helpers.mlflow_server import mlflow_server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.fresh_store

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.conftest import run_cli, store_uri
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 EPOCHS = 6
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import run_cli, store_uri
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 REDUCED = (
     "trainer.max_epochs=2",

@@ -25,12 +25,15 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.images import ImageSplits, LabelledImages, content_chunks
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     from pipeline.tracking.logger import RecordedMLFlowLogger
 
 CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # split → MLflow's context tag
@@ -94,6 +97,24 @@ def dataset_inputs(entries: list[dict[str, str]]) -> list[DatasetInput]:
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, entry["context"])]
         inputs.append(DatasetInput(DatasetEntity(**fields), tags=tags))
     return inputs
+
+
+# What each database says when a row with the same key was inserted first: SQLite, PostgreSQL, MySQL.
+LOST_INSERT_RACE = ("UNIQUE constraint failed", "UniqueViolation", "Duplicate entry")
+
+
+def log_inputs(client: MlflowClient, run_id: str, inputs: list[DatasetInput], attempts: int = 3) -> None:
+    """`client.log_inputs`, tolerant of a race in MLflow's store: it inserts a dataset it has not seen yet without a
+    lock, so two runs logging the same new dataset at once (trainings on one data set started together, sweep
+    trials) may both insert it and one fails on the unique key. By then the dataset exists, and the call made again
+    links it to the run."""
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as error:
+            if attempt == attempts - 1 or not any(sign in str(error) for sign in LOST_INSERT_RACE):
+                raise
 
 
 def recorded_entries(datasets: Mapping[str, ImageSplitDataset]) -> list[dict[str, str]]:

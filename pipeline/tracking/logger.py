@@ -235,14 +235,14 @@ class RecordedMLFlowLogger(MLFlowLogger):
     def log_datasets(self, entries: list[dict[str, str]]) -> None:
         """Log dataset inputs (pipeline.tracking.datasets' entries); ones the record has already are not sent again
         (a continued run logged them when it started)."""
-        from pipeline.tracking.datasets import dataset_inputs
+        from pipeline.tracking.datasets import dataset_inputs, log_inputs
 
         new = [entry for entry in entries if entry not in self.record.datasets]
         if not new:
             return
         self.record.datasets += new
         self.record.save()
-        self._send("logging dataset inputs", self.experiment.log_inputs, self.run_id, dataset_inputs(new))
+        self._send("logging dataset inputs", log_inputs, self.experiment, self.run_id, dataset_inputs(new))
 
     def log_model(self, entry: dict[str, Any], upload: Callable[[MlflowClient, str], str]) -> str | None:
         """Record the MLflow model saved in the output folder (`entry`), then `upload(client, run_id)` it; returns the
