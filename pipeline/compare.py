@@ -183,7 +183,7 @@ def compare(cfg: DictConfig) -> Comparison:
     from mlflow.entities import Param
 
     from pipeline.tracking import store
-    from pipeline.tracking.provenance import KIND_TAG
+    from pipeline.tracking.provenance import KIND_TAG, run_tags
     from pipeline.tracking.runs import recorded_status
 
     uri = str(cfg.logger.tracking_uri)
@@ -208,12 +208,12 @@ def compare(cfg: DictConfig) -> Comparison:
     else:
         experiment_id = runs[0].info.experiment_id
     ids = [run.info.run_id for run in runs]
-    tags = {
+    what = {
         KIND_TAG: KIND,
         "compared_runs": ",".join(ids)[:5000],
         "differing_params": ",".join(differing)[:5000],
-        "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
     }
+    tags = run_tags(output_dir, what)  # MLflow's context tags (user, source, git) and the command, as every run's
     name = cfg.logger.run_name or f"compare-{len(runs)}-runs-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(experiment_id, run_name=str(name), tags=tags)
     run_id = run.info.run_id
