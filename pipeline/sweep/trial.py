@@ -35,16 +35,19 @@ def train_trial(config: dict[str, Any], state: dict[str, Any]) -> None:
     sweep = SweepState(**state)
     torch.set_num_threads(max(1, int(sweep.settings["resources"]["cpu"])))  # not every core: trials share them
     trial_id = tune.get_context().get_trial_id()
-    overrides = [*sweep.base_overrides, *(override_text(k, v) for k, v in config.items())]
-    cfg = compose(overrides)
     gpus = sweep.settings["resources"]["gpu"]
+    trial_settings = [
+        "progress=none",
+        "trainer.enable_model_summary=false",
+        # A trial given no GPU must not take one it was not given (Ray leaves every GPU visible then).
+        f"trainer.accelerator={'gpu' if gpus else 'cpu'}",
+        "trainer.devices=1",
+    ]
+    # Overrides, not edits of the composed config: they are the trial's `command`, which trains it again.
+    overrides = [*sweep.base_overrides, *(override_text(k, v) for k, v in config.items()), *trial_settings]
+    cfg = compose(overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(sweep.folder) / "trials" / trial_id)
-        cfg.progress = "none"
-        cfg.trainer.enable_model_summary = False
-        # A trial given no GPU must not take one it was not given (Ray leaves every GPU visible then).
-        cfg.trainer.accelerator = "gpu" if gpus else "cpu"
-        cfg.trainer.devices = 1
         cfg.logger.run_name = trial_name(sweep.name, trial_number(trial_id), config)
         cfg.logger.parent_run_id = sweep.parent_run_id
         cfg.logger.tags = {
