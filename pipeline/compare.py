@@ -151,23 +151,57 @@ def learning_curves_png(
 
 
 def accuracy_flops_png(rows: Sequence[Mapping[str, Any]], accuracy: str, path: Path) -> Path:
+    """Each run a point at its cost and accuracy. The run names stand in one column right of the plot, in the order
+    of their points' accuracy, at least a line apart, each joined to its point: runs of equal cost (the same model)
+    or equal accuracy never print their names over each other."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    points = [row for row in rows if row.get("model/flops") and row.get(accuracy) is not None]
-    for row in points:
-        ax.scatter(row["model/flops"], row[accuracy])
-        ax.annotate(row["run_name"], (row["model/flops"], row[accuracy]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")  # fmt: skip
+    points = sorted(
+        (row for row in rows if row.get("model/flops") and row.get(accuracy) is not None),
+        key=lambda row: -float(row[accuracy]),
+    )
+    height = max(5.0, 0.17 * len(points) + 1.5)
+    fig, ax = plt.subplots(figsize=(11, height))
+    fig.subplots_adjust(left=0.08, right=0.64, top=0.92, bottom=0.1)
     if points:
+        xs = [float(row["model/flops"]) for row in points]
+        ys = [float(row[accuracy]) for row in points]
+        colours = {cost: plt.cm.tab10(index % 10) for index, cost in enumerate(sorted(set(xs)))}
+        ax.scatter(xs, ys, c=[colours[x] for x in xs], zorder=3)
         ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 2, max(xs) * 2)
+        low, high = min(ys), max(ys)
+        margin = (high - low) * 0.08 or 0.01
+        ax.set_ylim(low - margin, high + margin)
+        line = 0.14 / (height * 0.82)  # one 7-point line, as a fraction of the axes' height
+        wanted = [(y - (low - margin)) / (high - low + 2 * margin) for y in ys]
+        for row, x, y, at in zip(points, xs, ys, stacked(wanted, line), strict=True):
+            ax.annotate(
+                row["run_name"],
+                (x, y),
+                xytext=(1.03, at),
+                textcoords="axes fraction",
+                fontsize=7,
+                va="center",
+                arrowprops={"arrowstyle": "-", "color": colours[x], "linewidth": 0.6, "alpha": 0.7, "shrinkB": 3},
+            )
     else:
         ax.text(0.5, 0.5, f"no run has both model/flops and {accuracy}", ha="center", transform=ax.transAxes)
     ax.set(xlabel="FLOPs per image (log scale)", ylabel=accuracy, title=f"{accuracy} against cost")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def stacked(wanted: Sequence[float], gap: float) -> list[float]:
+    """Heights (fractions of the axes, highest first) moved as little as needed to stand at least `gap` apart and
+    not below 0: where the names of runs with close accuracies go."""
+    placed: list[float] = []
+    for want in wanted:  # top down, each at least a gap below the one above
+        placed.append(min(want, placed[-1] - gap) if placed else want)
+    for index in range(len(placed) - 1, -1, -1):  # then bottom up, none below the axes
+        placed[index] = max(placed[index], gap * (len(placed) - 1 - index))
+    return placed
 
 
 def write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -183,7 +217,7 @@ def compare(cfg: DictConfig) -> Comparison:
     from mlflow.entities import Param
 
     from pipeline.tracking import store
-    from pipeline.tracking.provenance import KIND_TAG
+    from pipeline.tracking.provenance import KIND_TAG, run_tags
     from pipeline.tracking.runs import recorded_status
 
     uri = str(cfg.logger.tracking_uri)
@@ -208,12 +242,12 @@ def compare(cfg: DictConfig) -> Comparison:
     else:
         experiment_id = runs[0].info.experiment_id
     ids = [run.info.run_id for run in runs]
-    tags = {
+    what = {
         KIND_TAG: KIND,
         "compared_runs": ",".join(ids)[:5000],
         "differing_params": ",".join(differing)[:5000],
-        "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
     }
+    tags = run_tags(output_dir, what)  # MLflow's context tags (user, source, git) and the command, as every run's
     name = cfg.logger.run_name or f"compare-{len(runs)}-runs-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(experiment_id, run_name=str(name), tags=tags)
     run_id = run.info.run_id
@@ -226,6 +260,32 @@ def compare(cfg: DictConfig) -> Comparison:
     return Comparison(rows, differing, {**files, "accuracy": flops}, run_id, uri)
 
 
+NAME_WIDTH = 44  # the run name's column: wider names fold onto a second line
+
+
+def terminal_columns(result: Comparison, width: int) -> tuple[list[str], list[str]]:
+    """The columns a terminal `width` characters wide shows: the key ones (run, name, key params, metrics, epochs,
+    duration), then as many differing params as fit; and the differing params it leaves to the CSV."""
+    differing = [key for key in result.differing if key in result.rows[0]]
+    columns = [key for key in result.rows[0] if key not in differing and key != "status"]
+
+    def needs(column: str) -> int:  # a column's width: its widest cell or header part, and its borders
+        if column == "run_name":
+            return NAME_WIDTH + 3
+        cells = [len(_cell(row[column])[:8] if column == "run_id" else _cell(row[column])) for row in result.rows]
+        parts = column.replace("/", "/.").split(".")
+        return max([6, *cells, *(len(part) + 1 for part in parts)]) + 3
+
+    used = sum(needs(column) for column in columns)
+    shown = []
+    for key in differing:
+        if used + needs(key) > width:
+            break
+        shown.append(key)
+        used += needs(key)
+    return columns + shown, differing[len(shown) :]
+
+
 def show(result: Comparison) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -233,14 +293,19 @@ def show(result: Comparison) -> None:
     from pipeline.tracking.store import ui_command
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
-    table_ = Table(title=f"{len(result.rows)} runs (full run ids in the CSV)")
-    columns = [key for key in result.rows[0] if key not in ("status",)]
+    columns, left_out = terminal_columns(result, console.width)
+    table_ = Table(title=f"{len(result.rows)} runs (full run ids and every differing param in the CSV)")
     for column in columns:
-        table_.add_column(column, overflow="fold", no_wrap=column == "run_name")
+        if column == "run_name":
+            table_.add_column(column, overflow="fold", min_width=20, max_width=NAME_WIDTH)
+        else:  # headers fold at "." and "/" rather than squeezing the values
+            table_.add_column(column.replace(".", ".\n").replace("/", "/\n"), overflow="fold", min_width=6)
     for row in result.rows:
         table_.add_row(*[row[column][:8] if column == "run_id" else _cell(row[column]) for column in columns])
     console.print(table_)
     console.print(f"Params that differ between the runs: {', '.join(result.differing) or 'none'}")
+    if left_out:
+        console.print(f"Not in the table above ({len(left_out)}, see comparison.csv): {', '.join(left_out)}")
     for path in result.files.values():
         console.print(f"Wrote {path}")
     console.print(f"Comparison run: {result.run_id}")

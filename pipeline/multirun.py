@@ -64,8 +64,9 @@ def job(cfg: DictConfig, train: Callable[[DictConfig], Any], report: Callable[[A
 
     hydra = HydraConfig.get()
     folder, number = Path(hydra.runtime.output_dir), hydra.job.num
-    with open_dict(cfg):  # one name per job (the sweep's ${now:} is one instant), and the sweep as a filter
-        cfg.logger.run_name = f"{cfg.logger.run_name}-{number}"
+    with open_dict(cfg):  # a name given to every job gets the job's number; the multirun as a filter
+        if cfg.logger.run_name:  # unnamed, each job is named by its own overrides (tracking.naming)
+            cfg.logger.run_name = f"{cfg.logger.run_name}-{number}"
         cfg.logger.tags["multirun"] = str(Path(hydra.sweep.dir).resolve())
     outcome: dict[str, Any] = {"job": number, "overrides": list(hydra.overrides.task), "metric": cfg.monitor.metric}
     value = math.nan

@@ -41,47 +41,83 @@ def confusion_matrix_png(matrix: np.ndarray, classes: Sequence[str], path: Path,
 def parallel_coordinates_png(
     rows: Sequence[Mapping[str, object]], params: Sequence[str], metric: str, path: Path, title: str
 ) -> Path:
-    """One line per trial across one axis per searched parameter, coloured by the metric (the last axis).
-
-    Numeric axes are scaled to [0, 1] (log-scaled when they span more than a decade); categorical ones
-    place their values evenly.
-    """
+    """One line per trial across one axis per searched parameter, coloured by the metric (the last axis, and the
+    colour bar). Every axis is labelled with values: numeric axes span their trials' range (log-scaled when it
+    spans more than a decade), categorical ones place their values evenly. MLflow's own parallel coordinates chart
+    (the experiment's chart view, "Add chart") draws the same from the trials' params and metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     scored = [row for row in rows if isinstance(row.get(metric), int | float)]
     axes = [*params, metric]
-    columns, labels = [], []
+    columns, ticks, labels = [], [], []
     for name in axes:
         values = [row.get(name) for row in scored]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values) and values:
-            array = np.asarray(values, dtype=float)
-            if array.min() > 0 and array.max() / array.min() > 10:
-                array = np.log10(array)
-                labels.append(f"{name} (log10)")
-            else:
-                labels.append(name)
-            span = array.max() - array.min()
-            columns.append((array - array.min()) / span if span else np.full_like(array, 0.5))
+        if values and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            column, axis_ticks, log = _numeric_axis(np.asarray(values, dtype=float))
+            labels.append(f"{name}\n(log scale)" if log else name)
         else:
             categories = sorted({str(v) for v in values})
             position = {c: i / max(1, len(categories) - 1) for i, c in enumerate(categories)}
-            columns.append(np.asarray([position[str(v)] for v in values]))
-            labels.append(f"{name} ({' < '.join(categories)})")
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(axes)), 4.5))
+            column = np.asarray([position[str(v)] for v in values])
+            axis_ticks = [(position[c], c if len(c) <= 14 else c[:13] + "…") for c in categories]
+            labels.append(name)
+        columns.append(column)
+        ticks.append(axis_ticks)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.4 * len(axes)) + 1.2, 4.8))
+    colour = plt.cm.viridis
+    norm = Normalize()
     if scored:
         metric_values = np.asarray([row[metric] for row in scored], dtype=float)
-        colours = plt.cm.viridis((metric_values - metric_values.min()) / (np.ptp(metric_values) or 1))
-        for index in range(len(scored)):
-            ax.plot(range(len(axes)), [column[index] for column in columns], color=colours[index], alpha=0.8)
-    ax.set_xticks(range(len(axes)), labels, rotation=10, fontsize=8)
+        norm = Normalize(metric_values.min(), metric_values.max() if np.ptp(metric_values) else metric_values.min() + 1)
+        for index in np.argsort(metric_values):  # the best drawn last, on top
+            ax.plot(range(len(axes)), [column[index] for column in columns], color=colour(norm(metric_values[index])))
+    for x, axis_ticks in enumerate(ticks):
+        ax.axvline(x, color="grey", linewidth=0.8, zorder=0)
+        for y, label in axis_ticks:
+            ax.plot([x - 0.03, x], [y, y], color="grey", linewidth=0.8)
+            ax.text(
+                x - 0.05,
+                y,
+                label,
+                ha="right",
+                va="center",
+                fontsize=7,
+                color="dimgrey",
+                zorder=5,  # over the trials' lines, on a white ground
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+            )
+    ax.set_xticks(range(len(axes)), labels, fontsize=8)
+    ax.set_xlim(-0.6, len(axes) - 0.8)
+    ax.set_ylim(-0.06, 1.06)
     ax.set_yticks([])
-    for x in range(len(axes)):
-        ax.axvline(x, color="grey", linewidth=0.5)
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=colour), ax=ax, label=metric, fraction=0.04, pad=0.02)
     ax.set_title(f"{title} ({len(scored)} trials; colour = {metric})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _numeric_axis(values: np.ndarray) -> tuple[np.ndarray, list[tuple[float, str]], bool]:
+    """Values scaled to [0, 1], the axis's ticks (position, label) and whether it is logarithmic (when the values
+    span more than a decade): powers of ten on a log axis, else about five evenly spaced values."""
+    from matplotlib.ticker import MaxNLocator
+
+    low, high = float(values.min()), float(values.max())
+    if low > 0 and high / low > 10:
+        logs, lo, hi = np.log10(values), np.log10(low), np.log10(high)
+        scaled = (logs - lo) / (hi - lo)
+        powers = range(int(np.ceil(lo)), int(np.floor(hi)) + 1)
+        return scaled, [((p - lo) / (hi - lo), f"1e{p}") for p in powers], True
+    span = high - low
+    if not span:
+        return np.full_like(values, 0.5), [(0.5, f"{low:.3g}")], False
+    marks = [m for m in MaxNLocator(nbins=4).tick_values(low, high) if low - 1e-12 <= m <= high + 1e-12]
+    return (values - low) / span, [((m - low) / span, f"{m:.3g}") for m in marks], False

@@ -370,7 +370,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
             ]
             confusion_counts = module.test_confusion.compute().cpu().numpy()
             test_metrics["test/samples"] = float(confusion_counts.sum())  # every test image once, whatever the ranks
-            logger.log_metrics({"test/samples": test_metrics["test/samples"]}, step=trainer.global_step)
+            logger.log_metrics({"test/samples": test_metrics["test/samples"]}, step=0)  # with the other test/*
             confusion = confusion_matrix_png(
                 confusion_counts,
                 splits.classes,

@@ -88,3 +88,29 @@ def test_an_experiment_compares_only_its_trainings(two_runs: tuple[Path, list[st
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: experiment=nonesuch: no such experiment" in done.stderr and "digits" in done.stderr
+
+
+def test_names_of_runs_with_equal_accuracy_stand_a_line_apart_in_accuracy_vs_flops() -> None:
+    from itertools import pairwise
+
+    from pipeline.compare import stacked
+
+    wanted = [0.9, 0.9, 0.9, 0.5, 0.02, 0.01, 0.0]  # three runs of equal accuracy, three at the bottom
+    placed = stacked(wanted, 0.05)
+    assert all(upper - lower >= 0.05 - 1e-9 for upper, lower in pairwise(placed))
+    assert min(placed) >= 0 and placed[0] == 0.9 and placed[3] == 0.5, "moved only as far as needed"
+
+
+def test_the_terminal_table_of_many_runs_keeps_its_key_columns_and_leaves_the_rest_to_the_csv() -> None:
+    from pipeline.compare import Comparison, terminal_columns
+
+    differing = [f"model.kwargs.option_{index}" for index in range(30)]
+    rows = [
+        {"run_id": "f" * 32, "run_name": f"lenet5-digits-affine lr=0.{index} #00{index:02d}", "status": "FINISHED",
+         "model.name": "lenet5", "optim.lr": f"0.{index}", "test/acc": 0.9, "epochs": 5, "duration_s": 1.0,
+         **dict.fromkeys(differing, "value")}
+        for index in range(12)
+    ]  # fmt: skip
+    shown, left_out = terminal_columns(Comparison(rows, differing, {}, "", ""), width=160)
+    assert shown[:7] == ["run_id", "run_name", "model.name", "optim.lr", "test/acc", "epochs", "duration_s"]
+    assert 0 < len(shown) - 7 < len(differing) and shown[7:] + left_out == differing, "the first that fit"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,9 @@ def test_a_bad_value_fails_its_job_only_and_the_exit_status_says_so(root: Path) 
     assert set(runs) == {"0.05", "0.1"}, "the bad value never made a run"
     assert {run.info.status for run in runs.values()} == {"FINISHED"}
     assert {run.data.tags["multirun"] for run in runs.values()} == {str(sweep)}
-    assert runs["0.05"].info.run_name.endswith("-0") and runs["0.1"].info.run_name.endswith("-2")
+    # each job named by its own overrides: the default lr is no difference, 0.1 is
+    assert re.fullmatch(r"lenet5-digits-affine( \S+)* #[0-9a-f]{4}", runs["0.05"].info.run_name)
+    assert "lr=" not in runs["0.05"].info.run_name and " lr=0.1 " in runs["0.1"].info.run_name
 
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
     for number, lr in ((0, "0.05"), (2, "0.1")):

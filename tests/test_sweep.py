@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import QUIET, clean_env, run_cli, store_uri
+from tests.conftest import QUIET, REPO, clean_env, run_cli, store_uri
 from tests.helpers.isolation import isolated, run_isolated
 
 pytestmark = [
@@ -238,3 +240,30 @@ def test_trials_spread_over_two_ddp_workers_each_make_one_mlflow_child(root: Pat
         steps = epochs_logged(root, child)
         assert len(steps) == len(set(steps)) == 2, "one validation per epoch, logged once"
     assert {row["outcome"] for row in trial_table(root)} == {"completed"}
+
+
+def test_sweep_trials_are_named_by_their_values_and_their_command_trains_them_again(root: Path, ray_tmp: str) -> None:
+    from tests.test_mlflow_ui import assert_reproduces
+
+    command = sweep_command(
+        root, ray_tmp, "sweep=lr_wd", "sweep.num_samples=2", "sweep.scheduler=fifo", "trainer.max_epochs=1"
+    )
+    run_isolated(command, root / "sweep.log", timeout=300)
+    parent, children = runs(root)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert parent.data.tags["mlflow.source.name"].endswith("pipeline/sweep/__main__.py")
+    assert parent.data.tags["command"].startswith("python -m pipeline.sweep ")
+    assert len(children) == 2
+    for run in (parent, *children):
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.git.commit"] == head
+    for child in children:
+        lr, wd = float(child.data.params["optim.lr"]), float(child.data.params["optim.weight_decay"])
+        # the sweep, the trial's number, its sampled values (two digits), not Ray's trial id
+        assert re.fullmatch(r"s/00[01] lr=\S+ wd=\S+", child.info.run_name), child.info.run_name
+        shown = dict(part.split("=") for part in child.info.run_name.split()[1:])
+        assert float(shown["lr"]) == pytest.approx(lr, rel=0.05) and float(shown["wd"]) == pytest.approx(wd, rel=0.05)
+        # its source is the training command, not Ray's worker; its command composes exactly its config
+        assert child.data.tags["mlflow.source.name"].endswith("pipeline/train.py")
+        assert_reproduces(child.data.tags["command"], child.data.params, "pipeline.train")
+        assert f"optim.lr={child.data.params['optim.lr']}" in child.data.tags["command"].split()
+    assert sorted(child.info.run_name[:5] for child in children) == ["s/000", "s/001"]

@@ -42,7 +42,8 @@ def test_mlflow_holds_exactly_that_run_with_everything_logged(trained: tuple[Pat
     run = runs[0]
     assert run.info.run_id == re.search(r"MLflow run: ([0-9a-f]{32})", stdout).group(1)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name.startswith("lenet5-digits-affine-")
+    # what it trains, what differs from the defaults (optim.lr), and a suffix that keeps equal configs apart
+    assert re.fullmatch(r"lenet5-digits-affine epochs=6 lr=0\.1 #[0-9a-f]{4}", run.info.run_name), run.info.run_name
 
     params = run.data.params
     assert params["model.name"] == "lenet5"
@@ -53,12 +54,16 @@ def test_mlflow_holds_exactly_that_run_with_everything_logged(trained: tuple[Pat
     tags = run.data.tags
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["mlflow.source.git.commit"])
     assert tags["git.dirty"] in {"true", "false", "unknown"}
-    assert "pipeline.train" in tags["command"] and "optim.lr=0.1" in tags["command"]
+    assert tags["command"] == f"python -m pipeline.train paths.root={root} progress=none " + (
+        f"trainer.enable_model_summary=false trainer.max_epochs={EPOCHS} optim.lr=0.1"
+    ), "the overrides typed, as a user would type them again"
+    assert tags["mlflow.source.name"].endswith("pipeline/train.py") and tags["mlflow.user"]
     assert tags["model"] == "lenet5" and tags["dataset"] == "digits" and tags["host"]
 
     for metric in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "val/acc_top5", "lr-SGD"):
         history = client.get_metric_history(run.info.run_id, metric)
-        assert len(history) == EPOCHS, f"{metric}: one point per epoch, got {len(history)}"
+        assert [m.step for m in history] == list(range(EPOCHS)), f"{metric}: one point per epoch, the epoch its step"
+    assert "epoch" not in run.data.metrics, "the step is the epoch"
     val_acc = [m.value for m in client.get_metric_history(run.info.run_id, "val/acc")]
     assert max(val_acc) > val_acc[0], "validation accuracy improves with training"
     metrics = run.data.metrics

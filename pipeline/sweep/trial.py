@@ -11,6 +11,14 @@ from omegaconf import open_dict
 from pipeline.config import compose
 from pipeline.sweep.state import TRIAL_CHECKPOINT, SweepState, tune_name
 
+TRAIN_SOURCE = Path(__file__).resolve().parents[1] / "train.py"  # the command a trial's run stands for
+
+
+def trial_number(trial_id: str) -> int:
+    """Tune's trial ids end with the trial's number in the sweep: `a1b2c3d4_00003` → 3."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
 
 def train_trial(config: dict[str, Any], state: dict[str, Any]) -> None:
     """One Ray Tune trial: the train config + this trial's values → run(cfg), reporting every epoch."""
@@ -22,23 +30,32 @@ def train_trial(config: dict[str, Any], state: dict[str, Any]) -> None:
     from pipeline.run import run
     from pipeline.sweep.space import override_text
     from pipeline.sweep.tracking import find_child_run
+    from pipeline.tracking.naming import train_command, trial_name
 
     sweep = SweepState(**state)
     torch.set_num_threads(max(1, int(sweep.settings["resources"]["cpu"])))  # not every core: trials share them
     trial_id = tune.get_context().get_trial_id()
-    cfg = compose([*sweep.base_overrides, *(override_text(k, v) for k, v in config.items())])
     gpus = sweep.settings["resources"]["gpu"]
+    trial_settings = [
+        "progress=none",
+        "trainer.enable_model_summary=false",
+        # A trial given no GPU must not take one it was not given (Ray leaves every GPU visible then).
+        f"trainer.accelerator={'gpu' if gpus else 'cpu'}",
+        "trainer.devices=1",
+    ]
+    # Overrides, not edits of the composed config: they are the trial's `command`, which trains it again.
+    overrides = [*sweep.base_overrides, *(override_text(k, v) for k, v in config.items()), *trial_settings]
+    cfg = compose(overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(sweep.folder) / "trials" / trial_id)
-        cfg.progress = "none"
-        cfg.trainer.enable_model_summary = False
-        # A trial given no GPU must not take one it was not given (Ray leaves every GPU visible then).
-        cfg.trainer.accelerator = "gpu" if gpus else "cpu"
-        cfg.trainer.devices = 1
-        cfg.logger.run_name = f"{sweep.name}-{trial_id}"
+        cfg.logger.run_name = trial_name(sweep.name, trial_number(trial_id), config)
         cfg.logger.parent_run_id = sweep.parent_run_id
         cfg.logger.tags = {
             **cfg.logger.tags,
+            # What trains this trial again, and its source: this process is Ray's worker, whose command is Ray's.
+            "command": train_command(overrides),
+            "mlflow.source.name": str(TRAIN_SOURCE),
+            "mlflow.source.type": "LOCAL",
             "sweep.name": sweep.name,
             "sweep.trial_id": trial_id,
             "sweep.node_id": ray.get_runtime_context().get_node_id(),

@@ -26,7 +26,7 @@ import requests
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline import internals
@@ -49,6 +49,9 @@ ASYNC_SETTINGS = {  # MLflow's own variables for its logging queue, read when th
     # What arrives within this time goes in one call: a call costs 10–30 ms of CPU on the tracking side.
     "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "2",
 }
+
+
+SINGLE_VALUE_PREFIXES = ("test/",)  # metrics a run logs once (its test), at step 0
 
 
 class RecordedMLFlowLogger(MLFlowLogger):
@@ -175,6 +178,14 @@ class RecordedMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Lightning passes the `epoch` with every value a module or callback logs (all ours are epoch values) and
+        the batch counter as the step. The epoch is made the step instead, so runs with other batch sizes line up
+        on MLflow's charts, and `epoch` itself is not logged (the step says it). A test is one value per run: its
+        metrics go at step 0, which MLflow's chart view draws as one bar per run rather than a lone point."""
+        if "epoch" in metrics:
+            metrics = dict(metrics)
+            epoch = int(metrics.pop("epoch"))
+            step = 0 if any(key.startswith(SINGLE_VALUE_PREFIXES) for key in metrics) else epoch
         now = int(time.time() * 1000)
         points = [  # named and stamped as MLFlowLogger does
             Metric(re.sub(r"[^a-zA-Z0-9_/. -]+", "", key), float(value), now, step or 0)
@@ -212,6 +223,14 @@ class RecordedMLFlowLogger(MLFlowLogger):
     def flush(self) -> None:
         """Wait until every metric point logged so far is sent (or the sending has failed for good)."""
         self._notice_failed_sends(wait=True)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not tags:
+            return
+        self.record.tags.update(tags)
+        self.record.save()
+        for chunk in chunks([RunTag(key, value) for key, value in tags.items()], MAX_PARAMS_PER_CALL):
+            self._send("setting tags", self.experiment.log_batch, self.run_id, tags=chunk)
 
     def set_tag(self, key: str, value: str) -> None:
         self.record.tags[key] = value
