@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -23,13 +24,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def timed(command: list[str]) -> tuple[float, str]:
-    start = time.perf_counter()
+def cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str]) -> tuple[float, str, float]:
+    """Wall seconds from spawn to exit, the process's output, and its CPU seconds (every thread, user + system)."""
+    start, cpu = time.perf_counter(), cpu_of_children()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return seconds, done.stdout
+    return seconds, done.stdout, cpu_of_children() - cpu
 
 
 def spread(values: list[float]) -> str:
@@ -53,18 +60,32 @@ def main() -> None:
             f"--batch-size={cfg.data.batch_size}", f"--lr={cfg.optim.lr}", f"--weight-decay={cfg.optim.weight_decay}",
             f"--out={root / 'bare'}",
         ]  # fmt: skip
-        first, output = timed(pipeline)
+        first, output, _ = timed(pipeline)
         run_id = re.search(r"MLflow run: (\w+)", output).group(1)
         print(f"first pipeline run (creates the store; not counted): {first:.2f} s\n")
-        print("| round | bare PyTorch (s) | pipeline.train (s) | ratio |\n|---:|---:|---:|---:|")
-        bares, pipelines = [], []
+        print(
+            "| round | bare PyTorch: wall (s) | pipeline.train: wall (s) | ratio | bare: CPU (s) | pipeline: CPU (s) "
+            "| ratio |\n|---:|---:|---:|---:|---:|---:|---:|"
+        )
+        bares, pipelines, bare_cpus, pipeline_cpus = [], [], [], []
         for round_ in range(args.rounds):
-            bares.append(timed(bare)[0])
-            pipelines.append(timed(pipeline)[0])
-            ratio = pipelines[-1] / bares[-1]
-            print(f"| {round_ + 1} | {bares[-1]:.2f} | {pipelines[-1]:.2f} | {ratio:.2f} |", flush=True)
+            wall, _, cpu = timed(bare)
+            bares.append(wall)
+            bare_cpus.append(cpu)
+            wall, _, cpu = timed(pipeline)
+            pipelines.append(wall)
+            pipeline_cpus.append(cpu)
+            print(
+                f"| {round_ + 1} | {bares[-1]:.2f} | {pipelines[-1]:.2f} | {pipelines[-1] / bares[-1]:.2f} "
+                f"| {bare_cpus[-1]:.2f} | {pipeline_cpus[-1]:.2f} | {pipeline_cpus[-1] / bare_cpus[-1]:.2f} |",
+                flush=True,
+            )
         ratio = statistics.median(pipelines) / statistics.median(bares)
-        print(f"| median | {spread(bares)} | {spread(pipelines)} | **{ratio:.2f}** |\n")
+        cpu_ratio = statistics.median(pipeline_cpus) / statistics.median(bare_cpus)
+        print(
+            f"| median | {spread(bares)} | {spread(pipelines)} | **{ratio:.2f}** | {spread(bare_cpus)} "
+            f"| {spread(pipeline_cpus)} | **{cpu_ratio:.2f}** |\n"
+        )
 
         image = root / "seven.png"
         subprocess.run(

@@ -12,6 +12,9 @@ each one and says what changed and where it is used.
   async_logging_done      RecordedMLFlowLogger (pipeline/tracking/logger.py): whether MLflow's asynchronous
                           logging has finished a batch, without waiting for it
   process_tracking_uri    pipeline.register: MLflow's process-wide tracking URI set for a block, then restored
+
+timm's `feature_take_indices` (how a model reads the levels asked of `forward_intermediates`) is held by
+pipeline/models/features.py instead: the models must not import Lightning, which this module does.
 """
 
 from __future__ import annotations

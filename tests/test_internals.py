@@ -418,3 +418,22 @@ def test_timm_numbers_the_layers_of_a_model_without_a_group_matcher() -> None:
         pytest.fail(f"{message}. Used by {used_by}.", pytrace=False)
     numbers = [layers.get(name) for name, _ in model.named_parameters()]
     require(all(isinstance(n, int) for n in numbers), "auto_group_layers no longer maps every parameter", used_by)
+
+
+def test_timm_reads_feature_indices_as_our_models_expect() -> None:
+    """pipeline/models/features.py holds timm's private `feature_take_indices` (the models must not import
+    pipeline.internals, which imports Lightning)."""
+    import timm
+
+    used_by = "forward_intermediates and prune_intermediate_layers of LeNet-5, NiN, ResNet, GoogLeNet"
+    try:
+        from timm.models._features import feature_take_indices as private
+    except ImportError as error:
+        pytest.fail(f"timm {timm.__version__}: timm.models._features.feature_take_indices moved ({error}). "
+                    f"Used by {used_by}.", pytrace=False)  # fmt: skip
+    from pipeline.models.features import feature_take_indices
+
+    require(feature_take_indices is private, "pipeline.models.features does not hold timm's function", used_by)
+    require(private(4, None) == ([0, 1, 2, 3], 3), "None no longer means every level", used_by)
+    require(private(4, 2) == ([2, 3], 3), "an int n no longer means the last n levels", used_by)
+    require(private(4, [0, -1]) == ([0, 3], 3), "a list no longer counts negative indices from the end", used_by)

@@ -33,9 +33,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
+
+from pipeline.models.features import feature_take_indices
 
 STEMS = ("imagenet", "cifar")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

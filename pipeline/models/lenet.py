@@ -13,15 +13,16 @@ pipeline/models/resnet.py.)
 """
 
 import torch
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from pipeline.models.features import SequentialFeatures
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 POOLS: dict[str, type[nn.Module]] = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
 
-class LeNet5(nn.Module):
+class LeNet5(SequentialFeatures):
     def __init__(
         self,
         num_classes: int = 10,
@@ -71,15 +72,6 @@ class LeNet5(nn.Module):
         layers = [(r"^features\.3\.", (0,)), (r"^pre_logits\.1\.", (1,)), (r"^pre_logits\.3\.", (2,))]
         return {"stem": r"^features\.0\.", "blocks": layers}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each layer's activations in the backward pass instead of keeping them."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new output layer for `num_classes` (0: none, forward_head returns F6). LeNet-5 has no global pooling
         (C5 reads all of S4's 5×5 maps), so `global_pool` can only be None or "" (none)."""
@@ -94,37 +86,12 @@ class LeNet5(nn.Module):
         )
         self.head.train(self.training)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The final features and the feature maps at `indices` of `feature_info` (an int n: the last n; None:
-        all). `stop_early` skips the layers after the last feature asked for; `norm` does nothing (no final norm)."""
-        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        take_ends = [self.feature_ends[i] for i in take_indices]
-        layers = self.features[: self.feature_ends[max_index] + 1] if stop_early else self.features
-        for index, layer in enumerate(layers):
-            x = layer(x)
-            if index in take_ends:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Remove the layers after the last feature at `indices`, and the head with C5 and F6 (which read S4 only):
         forward_head then returns the feature maps. Returns the absolute indices kept."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self.features = self.features[: self.feature_ends[max_index] + 1]
+        take_indices, max_index = self.prune_features(indices)
         if max_index < len(self.feature_info) - 1:
             self.num_features = self.feature_info[max_index]["num_chs"]
         self.pre_logits = nn.Identity()
@@ -132,11 +99,6 @@ class LeNet5(nn.Module):
         self.num_classes = 0
         self.head_hidden_size = self.num_features
         return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.features, x)
-        return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(x)

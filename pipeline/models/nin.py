@@ -25,9 +25,10 @@ here: see pipeline/models/resnet.py.)
 
 import torch
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from pipeline.models.features import SequentialFeatures
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -65,7 +66,7 @@ class MlpConv(nn.Module):
         return self.relu(self.bn2(self.cccp2(x)))
 
 
-class NiN(nn.Module):
+class NiN(SequentialFeatures):
     def __init__(
         self,
         num_classes: int = 10,
@@ -133,15 +134,6 @@ class NiN(nn.Module):
         """Parameter groups by depth (layer-wise LR decay): the first mlpconv, the second; the head is the rest."""
         return {"stem": r"^features\.0\.", "blocks": r"^features\.(\d+)\."}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each layer's activations in the backward pass instead of keeping them."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new last mlpconv with `num_classes` maps (0: none, forward_head pools the features); `global_pool`
         (timm's pool types, "" for none) replaces the pooling, None keeps it."""
@@ -152,47 +144,17 @@ class NiN(nn.Module):
             self.global_pool = self._make_pool(global_pool)
             self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The final features and the feature maps at `indices` of `feature_info` (an int n: the last n; None:
-        all). `stop_early` skips the layers after the last feature asked for; `norm` does nothing (no final norm)."""
-        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        take_ends = [self.feature_ends[i] for i in take_indices]
-        layers = self.features[: self.feature_ends[max_index] + 1] if stop_early else self.features
-        for index, layer in enumerate(layers):
-            x = layer(x)
-            if index in take_ends:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Remove the layers after the last feature at `indices` (and the head); returns the absolute indices kept."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self.features = self.features[: self.feature_ends[max_index] + 1]
+        take_indices, max_index = self.prune_features(indices)
         prune_end = max_index < len(self.feature_info) - 1
         if prune_end:  # the features now end at the last kept level; a head sized for the final ones cannot stay
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.features, x)
-        return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if pre_logits:

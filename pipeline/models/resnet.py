@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
+
+from pipeline.models.features import feature_take_indices
 
 STEMS = ("imagenet", "cifar")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
