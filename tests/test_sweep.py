@@ -208,20 +208,40 @@ def test_sweep_whose_driver_is_killed_resumes_and_finishes_without_duplicates(ro
         assert len(epochs_logged(root, child)) == len(set(epochs_logged(root, child))) == 6
 
 
-def test_trials_spread_over_a_two_node_cluster(root: Path, ray_tmp: str) -> None:
+def test_trials_spread_over_a_two_node_cluster_and_storage_a_node_cannot_see_is_refused(
+    root: Path, ray_tmp: str
+) -> None:
     ray = Path(sys.executable).with_name("ray")
     home = root / "home"  # Ray keeps an auth token under ~/.ray: the test cluster keeps its own
     home.mkdir()
+    hidden = root / "hidden"  # the second node has its own (empty) folder mounted here: storage it does not share
+    hidden.mkdir()
     port = 6390
+    sweep = sweep_command(
+        root,
+        ray_tmp,
+        "sweep=lr_wd",
+        "sweep.num_samples=2",
+        "sweep.scheduler=fifo",
+        "trainer.max_epochs=2",
+        f"ray.address=127.0.0.1:{port}",
+    )
     script = f"""
 set -e
 {ray} start --head --port={port} --num-cpus=1 --temp-dir={ray_tmp} --include-dashboard=false --disable-usage-stats
-{ray} start --address=127.0.0.1:{port} --num-cpus=1 --disable-usage-stats
-{" ".join(sweep_command(root, ray_tmp, "sweep=lr_wd", "sweep.num_samples=2", "sweep.scheduler=fifo",
-                        "trainer.max_epochs=2", f"ray.address=127.0.0.1:{port}"))}
+unshare --mount sh -c 'mount -t tmpfs tmpfs {hidden} && exec {ray} start --address=127.0.0.1:{port} --num-cpus=1 \
+    --disable-usage-stats'
+set +e
+{" ".join(sweep)} sweep.storage_path={hidden}
+echo "refused with exit status $?"
+set -e
+{" ".join(sweep)}
 """  # fmt: skip
-    run_isolated(["sh", "-c", script], root / "cluster.log", timeout=420, env=clean_env(HOME=str(home)))
-    _, children = runs(root)
+    output = run_isolated(["sh", "-c", script], root / "cluster.log", timeout=420, env=clean_env(HOME=str(home)))
+    assert "refused with exit status 2" in output, output[-4000:]
+    assert f"sweep.storage_path={hidden} is not shared: node(s) 127.0.0.1 (node " in output
+    assert not list(hidden.iterdir()), "the refused sweep wrote nothing (its check file is gone)"
+    _, children = runs(root)  # one parent run: the refused sweep opened none
     assert len(children) == 2
     assert len({child.data.tags["sweep.node_id"] for child in children}) == 2, "one trial on each node"
 

@@ -161,21 +161,26 @@ def register_best(parent: Any, state: SweepState, rows: list[dict[str, Any]], na
 def run_sweep(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
     from pipeline.plots import parallel_coordinates_png
     from pipeline.sweep import space as search_space
+    from pipeline.sweep.cluster import check_cluster, check_data_root
     from pipeline.sweep.tracking import open_parent_run, settle_trials
     from pipeline.tracking.provenance import run_tags
+    from pipeline.tracking.store import prepare
 
     registered_name = registration_name(cfg)
+    check_data_root(cfg)
     resuming = cfg.resume is not None
     state = SweepState.load(locate(cfg.resume, cfg.sweep.storage_path)) if resuming else new_state(cfg, cli_overrides)
     space = search_space.build(state.params, state.settings["search"], state.base_overrides, compose)
     max_epochs = int(compose(state.base_overrides).trainer.max_epochs)
 
+    prepare(state.tracking_uri, cfg.logger.http)  # a store that is down fails now, before Ray starts
+    ray_startup = _start_ray(cfg)
+    check_cluster(cfg, Path(state.folder).parent)  # before the sweep's run is opened: a refusal leaves nothing behind
     what = {"model": cfg.model.name, "dataset": cfg.data.name, "aug": cfg.aug.name}
     tags = run_tags(cfg.paths.output_dir, what, extra=cfg.logger.tags)
-    parent = open_parent_run(state, tags=tags, resume=resuming, http=cfg.logger.http)
+    parent = open_parent_run(state, tags=tags, resume=resuming)
     state.parent_run_id = parent.run_id
     state.save()
-    ray_startup = _start_ray(cfg)
     parent.log_metric("sweep/ray_startup_s", ray_startup)
     print(
         f"Sweep {state.name}: {state.folder} (MLflow parent run {state.parent_run_id}); Ray up in {ray_startup:.1f} s"

@@ -17,7 +17,7 @@ from pipeline.tracking.logger import flatten
 from pipeline.tracking.processes import CLOSED_TAG, PROCESS_TAG, process_tag
 from pipeline.tracking.record import MAX_PARAM_LENGTH, MAX_PARAMS_PER_CALL, chunks, find_record, send_unsent
 from pipeline.tracking.runs import recorded_status
-from pipeline.tracking.store import artifact_location, ensure_experiment, make_store_folder, prepare
+from pipeline.tracking.store import artifact_location, ensure_experiment, make_store_folder
 
 
 def find_child_run(uri: str, parent_run_id: str, trial_id: str) -> str | None:
@@ -70,10 +70,9 @@ class ParentRun:
         return recorded_status(lambda status: self.client.set_terminated(self.run_id, status))
 
 
-def open_parent_run(state: SweepState, tags: Mapping[str, str], resume: bool, http: Mapping[str, Any]) -> ParentRun:
-    """Check the store, then create the experiment and the sweep's run in the driver, before Ray starts and
-    before any trial can race to create them."""
-    prepare(state.tracking_uri, http)
+def open_parent_run(state: SweepState, tags: Mapping[str, str], resume: bool) -> ParentRun:
+    """Create the experiment and the sweep's run in the driver, before any trial can race to create them (the store
+    was checked with tracking.store.prepare before Ray started)."""
     make_store_folder(state.tracking_uri)
     client = MlflowClient(state.tracking_uri)
     if resume and state.parent_run_id:

@@ -70,6 +70,23 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(SQLITE_PREFIX) :]) if uri.startswith(SQLITE_PREFIX) else None
 
 
+LOOPBACK_HOSTS = ("localhost", "127.", "::1", "[::1]")
+
+
+def only_this_host(uri: str) -> str | None:
+    """Why only processes of this host can reach the store at `uri` (a file on its disk, a database or server on its
+    loopback or unix socket), or None when other hosts can too."""
+    if sqlite_path(uri) is not None or urlsplit(uri).scheme in ("", "file"):
+        return "a store on this host's disk"
+    if is_server(uri) or database_dialect(uri) is not None:
+        host = urlsplit(uri).hostname or ""
+        if not host:
+            return "a database reached through this host's unix socket"
+        if host.startswith(LOOPBACK_HOSTS):
+            return f"{'a server' if is_server(uri) else 'a database'} on this host's loopback ({host})"
+    return None
+
+
 def artifact_location(uri: str, local: str | Path) -> str | None:
     """Where a new experiment keeps its artifacts: `local` on a local store; the server's choice on a server."""
     return None if is_server(uri) else str(local)

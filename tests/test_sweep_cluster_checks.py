@@ -1,0 +1,48 @@
+"""Settings that cannot work across a cluster's hosts are refused before a sweep starts anything, naming the fix.
+(The checks on a running cluster — the storage every node must see — are in tests/test_sweep.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.sweep.cluster import store_problem
+from pipeline.tracking.store import only_this_host
+from tests.conftest import run_cli
+
+HERE, OTHER = "10.77.0.1", "10.77.0.2"  # addresses only named, never contacted
+
+
+@pytest.mark.parametrize(
+    ("uri", "reachable_elsewhere"),
+    [
+        ("sqlite:////srv/mlflow.db", False),
+        ("file:///srv/mlruns", False),
+        ("/srv/mlruns", False),
+        ("http://127.0.0.1:5000", False),
+        ("http://localhost:5000", False),
+        ("postgresql://mlflow@127.0.0.1/mlflow", False),
+        ("postgresql://mlflow@/mlflow?host=/var/run/postgresql", False),
+        (f"http://{HERE}:5000", True),
+        ("https://mlflow.example.org", True),
+        (f"postgresql+psycopg2://mlflow@{HERE}:5432/mlflow", True),
+    ],
+)
+def test_a_store_only_this_host_reaches_is_told_apart(uri: str, reachable_elsewhere: bool) -> None:
+    assert (only_this_host(uri) is None) == reachable_elsewhere
+
+
+def test_a_store_on_this_host_is_refused_only_when_trials_run_on_another() -> None:
+    assert store_problem("sqlite:////srv/mlflow.db", HERE, {HERE}) is None, "several nodes of one machine share it"
+    problem = store_problem("sqlite:////srv/mlflow.db", HERE, {HERE, OTHER})
+    assert problem is not None and OTHER in problem and f"logger.tracking_uri=http://{HERE}:5000" in problem
+    assert store_problem(f"http://{HERE}:5000", HERE, {HERE, OTHER}) is None
+
+
+@pytest.mark.e2e
+def test_a_relative_data_root_on_a_cluster_is_refused_before_ray_is_reached(root: Path) -> None:
+    done = run_cli("pipeline.sweep", f"ray.address={HERE}:6379", "data=imagefolder", "data.root=images", root=root)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "data.root=images is a relative path" in done.stderr and "Give an absolute path" in done.stderr
+    assert not (root / "sweeps").exists(), "nothing of a sweep was written"
