@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 from tests.helpers.mlflow_server import mlflow_server
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import Page, ViewportSize
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "docs" / "images"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # Debian's package: `make screenshots` installs it
-VIEWPORT = {"width": 1280, "height": 800}  # wide enough for the table's key columns, small enough for ~100 KB PNGs
+VIEWPORT: ViewportSize = {"width": 1280, "height": 800}  # the table's key columns fit; PNGs of ~40 KB
 EXPERIMENT = "digits"  # the default data set names the experiment
 QUIET = ("progress=none", "logger.system_metrics.enabled=false")  # no bars in a log; no system/ sampling
 # The multirun: the default LeNet-5 at three learning rates, 3 epochs each (about 20 s a run on one core).
@@ -54,10 +54,12 @@ ISOLATE = [
 COLUMNS = ("val/acc", "optim.lr", "optim.weight_decay")  # the table's added columns (3 fit beside the names)
 KEEP_SECTIONS = ("train", "val")  # the chart view's sections left open (README: collapse the others)
 CHART_FILTER = "loss"  # the chart view's shot: one chart of train and one of val, curves of every run
-CHART_VIEWPORT = {"width": 1280, "height": 1100}  # tall enough for both (MLflow sizes charts in pixels)
+CHART_VIEWPORT: ViewportSize = {"width": 1280, "height": 1100}  # tall enough for both (MLflow sizes charts in pixels)
 METRIC = "val/acc"  # the colour of the parallel coordinates
 TIMEOUT_MS = 30_000  # for any one element to appear: the UI fetches runs and metric histories as it renders
 SECTION_HEADER = "experiment-view-compare-runs-section-header"  # test id of a chart section's title
+EXPANDER = '[data-component-id$="runnamecellrenderer.tsx_46"]'  # the `+` of a run with nested runs
+ROWS = ".ag-center-cols-container .ag-row"  # the runs table's rows, once each (AG Grid draws each part apart)
 ROW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -83,7 +85,8 @@ def sweep(root: Path) -> bool:
         ]  # fmt: skip
         done = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True)
     if done.returncode != 0:
-        print(f"sweep skipped (no nested trials in the screenshots):\n{done.stderr[-2000:]}", file=sys.stderr)
+        print(f"the sweep failed (exit {done.returncode}), so the screenshots show no nested trials:\n"
+              f"{done.stderr[-2000:]}", file=sys.stderr)  # fmt: skip
     return done.returncode == 0
 
 
@@ -102,7 +105,7 @@ def browser_page() -> Iterator[Page]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
-            page = browser.new_page(viewport=VIEWPORT)  # type: ignore[arg-type]
+            page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(TIMEOUT_MS)
             yield page
         finally:
@@ -151,7 +154,7 @@ def add_columns(page: Page, names: Sequence[str], hide: Sequence[str] = ("Datase
     page.locator(f'.ag-header-cell[col-id$="`{names[-1]}`"]').first.wait_for()
 
 
-def widen_run_names(page: Page, by: int = 120) -> None:
+def widen_run_names(page: Page, by: int = 150) -> None:
     """Drag the "Run Name" column's edge: its default width cuts the names after the model's."""
     header = page.locator('.ag-header-cell[col-id="attributes.`Run Name`"]')
     box = header.bounding_box()
@@ -165,16 +168,23 @@ def widen_run_names(page: Page, by: int = 120) -> None:
 
 def expand_parents(page: Page) -> None:
     """The `+` beside a sweep's run shows its trials."""
-    expanders = page.locator('[data-component-id$="runnamecellrenderer.tsx_46"]')
+    expanders = page.locator(EXPANDER)
     for index in range(expanders.count()):
+        shown = len(row_ids(page))
         expanders.nth(index).click()
+        page.wait_for_function(f"n => document.querySelectorAll('{ROWS}').length > n", arg=shown)
 
 
 def row_ids(page: Page) -> list[str]:
     """Run ids of the table's rows, top to bottom (each row is drawn once per pinned and scrolled part)."""
-    rows = page.locator(".ag-center-cols-container .ag-row")
+    rows = page.locator(ROWS)
     ids = rows.evaluate_all("rows => rows.map(row => row.getAttribute('row-id'))")
     return [row for row in ids if row and ROW_RUN_ID.match(row)]
+
+
+def parent_ids(page: Page) -> list[str]:
+    """Run ids of the rows with a `+`/`-` beside their name: a sweep's own run."""
+    return [run_id for run_id in row_ids(page) if page.locator(f'.ag-row[row-id="{run_id}"] {EXPANDER}').count()]
 
 
 def select_runs(page: Page, run_ids: Sequence[str]) -> None:
@@ -277,9 +287,8 @@ def take(url: str, out: Path) -> list[Path]:
         add_columns(page, COLUMNS)
         widen_run_names(page)
         expand_parents(page)
-        page.wait_for_function("n => document.querySelectorAll('.ag-center-cols-container .ag-row').length >= n", arg=4)
         taken.append(save(page, out / "2-runs-table.png"))
-        select_runs(page, row_ids(page)[1:])  # every run but the sweep's own
+        select_runs(page, [run for run in row_ids(page) if run not in parent_ids(page)])  # the trained runs
         taken.append(save(page, out / "3-select-compare.png"))
         compare_selected(page)
         color_by(page, METRIC)
@@ -290,7 +299,7 @@ def take(url: str, out: Path) -> list[Path]:
         chart_view(page)
         collapse_sections(page)
         filter_charts(page, CHART_FILTER)
-        page.set_viewport_size(CHART_VIEWPORT)  # type: ignore[arg-type]
+        page.set_viewport_size(CHART_VIEWPORT)
         page.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for()
         taken.append(save(page, out / "4-chart-view.png"))
     return taken
