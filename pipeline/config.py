@@ -110,6 +110,7 @@ RULES: Sequence[Rule] = (
     ),
     _rule("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1", 64),
     _rule("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0", 2),
+    _choice_rule("data.verify", "full", "header", "off"),
     _rule("data.source.val_fraction", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)", 0.15),
     _rule("data.source.test_fraction", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)", 0.15),
     _rule(
@@ -155,6 +156,7 @@ RULES: Sequence[Rule] = (
     _rule("perf.compile", _boolean, "true or false", "true"),
     _rule("perf.grad_checkpointing", _boolean, "true or false", "true"),
     _rule("class_activation.images", lambda v: _integer(v) and v >= 0, "an integer >= 0", 4),
+    _rule("per_class.shown", lambda v: _integer(v) and v >= 2, "an integer >= 2", 30),
     _rule("inspect.features", _boolean, "true or false", "true"),
     _rule("optim.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0", 0.0005),
     _rule("optim.momentum", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", 0.9),

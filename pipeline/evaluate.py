@@ -5,8 +5,9 @@ The model is rebuilt from the source's config and checkpoint (pipeline.source) a
 ImageClassifier, so the metrics are the ones training reports (`<split>/acc`, `/f1`, `/acc_top5`, `/loss`);
 on the source's own test split and best checkpoint they equal the training's `test/*`. The new run (tags
 kind=evaluation, source_run_id) holds them, a per-class report (`reports/per_class.csv`: precision, recall, F1,
-support), the confusion matrix (`figures/confusion_matrix.png`) and Grad-CAM heat maps of the predicted class on a few
-of the images (`figures/class_activation.png`), all also written to the output folder.
+support), the confusion matrix (every cell in `reports/confusion_matrix.csv`; `figures/confusion_matrix.png` draws at
+most `per_class.shown` classes, the most-confused ones when there are more) and Grad-CAM heat maps of the predicted
+class on a few of the images (`figures/class_activation.png`), all also written to the output folder.
 
 Exit status: 0 evaluated and logged; 2 an error the message explains (source, data, class count, tracking store);
 3 evaluated, but the tracking server lacks part of the run (the message names the pipeline.sync command).
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline.cli import command, metrics_table, progress_bar
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
+from pipeline.plots import SHOWN_CLASSES
 
 SPLITS = ("test", "val", "train")
 KIND = "evaluation"
@@ -41,8 +43,9 @@ class Evaluation:
     run_id: str  # the new evaluation run
     source_run_id: str | None  # the training run it evaluated, when known
     tracking_uri: str
-    files: dict[str, Path]  # what was written locally: report, confusion matrix, class activations
+    files: dict[str, Path]  # what was written locally: report, confusion matrix (figure and CSV), class activations
     unsynced: str | None = None  # why the server lacks part of the run, and the command that uploads the rest
+    shown: int = SHOWN_CLASSES  # classes the printed table lists one by one (per_class.shown)
 
 
 def evaluation_data(cfg: DictConfig, source: Any) -> DictConfig:
@@ -184,7 +187,7 @@ def run_test(cfg: DictConfig, source: Any, model: Any, images: Any, data: DictCo
 def evaluate(cfg: DictConfig) -> Evaluation:
     """Check everything a user can get wrong, then test and log the evaluation run."""
     from pipeline.cam import class_activation_png
-    from pipeline.plots import confusion_matrix_png
+    from pipeline.plots import confusion_matrix_csv, confusion_matrix_png
     from pipeline.source import build_model, input_spec, load_source
     from pipeline.tracking.logger import flatten
     from pipeline.tracking.runs import log_files, recorded_status
@@ -193,6 +196,9 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     split = str(cfg.split)
     if split not in SPLITS:
         raise UserInputError(f"split={split}: must be one of {', '.join(SPLITS)} (e.g. split=test).")
+    shown = OmegaConf.select(cfg, "per_class.shown", default=SHOWN_CLASSES)
+    if not (isinstance(shown, int) and not isinstance(shown, bool) and shown >= 2):
+        raise UserInputError(f"per_class.shown={shown!r}: must be an integer >= 2 (e.g. per_class.shown=30).")
     uri = str(cfg.logger.tracking_uri)
     prepare(uri, cfg.logger.http)
     source = load_source(str(cfg.source), uri, fallback=cfg)
@@ -217,9 +223,13 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         title = f"{source.config.model.name} on {data.name} ({split})"
         files = {
             "reports": write_csv(report, output_dir / "per_class.csv"),
-            "figures": confusion_matrix_png(counts, splits.classes, output_dir / "confusion_matrix.png", title=title),
+            "figures": confusion_matrix_png(
+                counts, splits.classes, output_dir / "confusion_matrix.png", title=title, shown=shown
+            ),
+            "confusion_matrix": confusion_matrix_csv(counts, splits.classes, output_dir / "confusion_matrix.csv"),
         }
-        log_files(logger, files)
+        log_files(logger, {"reports": files["reports"], "figures": files["figures"]})
+        log_files(logger, {"reports": files["confusion_matrix"]})
         activation = class_activation_png(  # Grad-CAM of the predicted class on a few of the images
             model,
             images,
@@ -232,7 +242,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         if activation:
             log_files(logger, {"figures": activation})
             files["class_activation"] = activation
-    return Evaluation(metrics, report, logger.run_id, source.run_id, uri, files, logger.unsynced)
+    return Evaluation(metrics, report, logger.run_id, source.run_id, uri, files, logger.unsynced, shown)
 
 
 def report(result: Evaluation) -> None:
@@ -243,10 +253,15 @@ def report(result: Evaluation) -> None:
 
     console = Console(soft_wrap=True)
     console.print(metrics_table("Evaluation", result.metrics))
-    classes = Table(title="Per class")
+    rows = result.per_class
+    title = "Per class"
+    if len(rows) > result.shown:  # a thousand-row table scrolls away what matters: the weakest classes, worst first
+        rows = sorted(rows, key=lambda row: (row["f1"], row["class"]))[: result.shown]
+        title = f"The {result.shown} of {len(result.per_class)} classes with the lowest F1 (every class: per_class.csv)"
+    classes = Table(title=title)
     for column in ("class", "precision", "recall", "f1", "support"):
         classes.add_column(column, justify="left" if column == "class" else "right")
-    for row in result.per_class:
+    for row in rows:
         classes.add_row(
             str(row["class"]),
             f"{row['precision']:.4f}",

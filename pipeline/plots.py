@@ -2,39 +2,98 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+SHOWN_CLASSES = 30  # per_class.shown's default: classes drawn or printed one by one
+LABEL_CHARACTERS = 24  # a longer class name is cut short on an axis (the CSVs keep it whole)
 
-def confusion_matrix_png(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+
+def most_confused(matrix: np.ndarray, count: int) -> list[int]:
+    """The `count` classes to draw of a confusion matrix (rows true, columns predicted), in class order: those of its
+    largest off-diagonal cells, taken cell by cell (so the pairs mistaken for each other most appear together), then
+    the classes with the most errors, then the first others. Every class when there are no more than `count`."""
+    classes = len(matrix)
+    if classes <= count:
+        return list(range(classes))
+    errors = matrix.astype(np.int64, copy=True)
+    np.fill_diagonal(errors, 0)
+    chosen: dict[int, None] = {}  # insertion-ordered set
+    cells = np.flatnonzero(errors)
+    # Largest first; ties broken by position, so the choice is the same on every machine.
+    for cell in cells[np.argsort(-errors.ravel()[cells], kind="stable")]:
+        for index in divmod(int(cell), classes):
+            chosen.setdefault(index)
+        if len(chosen) >= count:
+            break
+    missed = errors.sum(axis=1) + errors.sum(axis=0)  # a class's errors as the true and as the predicted class
+    for index in np.argsort(-missed, kind="stable"):
+        if len(chosen) >= count:
+            break
+        chosen.setdefault(int(index))
+    return sorted(list(chosen)[:count])
+
+
+def _label(name: str) -> str:
+    return name if len(name) <= LABEL_CHARACTERS else name[: LABEL_CHARACTERS - 1] + "…"
+
+
+def confusion_matrix_png(
+    matrix: np.ndarray, classes: Sequence[str], path: Path, title: str, shown: int = SHOWN_CLASSES
+) -> Path:
+    """The confusion matrix as a figure: every class up to `shown` of them, else the `shown` most-confused (see
+    most_confused), so the figure stays readable and its size, memory and drawing time are bounded however many
+    classes there are (ImageNet's 1,000 would otherwise be a 45,000-pixel square). The whole matrix is
+    confusion_matrix_csv's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = max(4.0, 0.45 * len(classes) + 2)
+    picked = most_confused(matrix, shown)
+    part = matrix[np.ix_(picked, picked)]
+    names = [_label(str(classes[index])) for index in picked]
+    if len(picked) < len(classes):
+        title = (
+            f"{title}\nthe {len(picked)} most-confused of {len(classes)} classes "
+            "(every class: reports/confusion_matrix.csv)"
+        )
+    size = max(4.0, 0.45 * len(picked) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
-    image = ax.imshow(matrix, cmap="Blues")
+    image = ax.imshow(part, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set(
-        xticks=range(len(classes)),
-        yticks=range(len(classes)),
-        xticklabels=classes,
-        yticklabels=classes,
+        xticks=range(len(picked)),
+        yticks=range(len(picked)),
         xlabel="predicted",
         ylabel="true",
         title=title,
     )
-    if len(classes) <= 30:
-        threshold = matrix.max() / 2 if matrix.size else 0
-        for (row, col), count in np.ndenumerate(matrix):
+    ax.set_xticklabels(names, rotation=90 if len(picked) > 10 else 0)
+    ax.set_yticklabels(names)
+    if len(picked) <= SHOWN_CLASSES:  # counts are legible in cells of this size, not in smaller ones
+        threshold = part.max() / 2 if part.size else 0
+        for (row, col), count in np.ndenumerate(part):
             color = "white" if count > threshold else "black"
             ax.text(col, row, int(count), ha="center", va="center", color=color, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def confusion_matrix_csv(matrix: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    """Every cell of the confusion matrix: a header of the predicted classes, then one row per true class (its name,
+    then its counts). pandas reads it back with `read_csv(path, index_col=0)`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *classes])
+        for name, row in zip(classes, matrix.astype(np.int64).tolist(), strict=True):
+            writer.writerow([name, *row])
     return path
 
 

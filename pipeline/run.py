@@ -43,7 +43,7 @@ from pipeline.models.factory import ModelError, create_model
 from pipeline.models.stats import count_flops, count_parameters
 from pipeline.models.weights import WeightsError
 from pipeline.module import ImageClassifier, SchedulerFactory
-from pipeline.plots import confusion_matrix_png
+from pipeline.plots import SHOWN_CLASSES, confusion_matrix_csv, confusion_matrix_png
 from pipeline.recipes import LearningRates, ParameterGroups, build_mixup, mixup_enabled, optimizer_factory
 from pipeline.resume import ConfigCheckpoint, RandomStateCheckpoint
 from pipeline.schedules import fit_warmup
@@ -376,8 +376,10 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
                 splits.classes,
                 output_dir / "confusion_matrix.png",
                 title=f"{cfg.model.name} on {cfg.data.name} (test)",
+                shown=OmegaConf.select(cfg, "per_class.shown", default=SHOWN_CLASSES),
             )
-            log_files(logger, {"figures": confusion})
+            cells = confusion_matrix_csv(confusion_counts, splits.classes, output_dir / "confusion_matrix.csv")
+            log_files(logger, {"figures": confusion, "reports": cells})
             activation = class_activation_png(  # Grad-CAM of the predicted class on a few test images
                 module.model,
                 splits.test,

@@ -1,7 +1,14 @@
-"""The LightningDataModule: image splits + transforms → DataLoaders."""
+"""The LightningDataModule: image splits + transforms → DataLoaders.
+
+Every data-parallel rank draws its own augmentations. The seed is the same on every rank (so the networks start
+alike), and the ranks' loaders and Albumentations pipelines would all replay one stream: the rank is mixed into the
+train transform's seed and each loader worker's seed (pipeline.data.workers.rank_seed). Rank 0 keeps the streams of
+a single process.
+"""
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageSplits, LabelledImages
+from pipeline.data.workers import rank_seed
 
 
 class TransformedImages(Dataset):
@@ -28,17 +36,20 @@ class TransformedImages(Dataset):
         return self.transform(image=np.ascontiguousarray(image))["image"], label
 
 
-def seed_worker(worker_id: int) -> None:
-    """Give each loader worker its own augmentation stream.
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """Give each loader worker its own augmentation stream, distinct on every data-parallel `rank`.
 
     Albumentations keeps a random state inside each Compose, untouched by global seeding; every worker
     would otherwise replay the main process's copy, so all workers (and every epoch, when workers are
     re-created) would draw the same augmentations. PyTorch's per-worker seed differs by worker and by
-    epoch and derives from the main process's seeded generator, so runs stay reproducible.
+    epoch and derives from the main process's seeded generator, so runs stay reproducible; that generator
+    is seeded alike on every rank, so the rank is mixed in (on rank 0 the seed is PyTorch's own).
     """
     info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
+    seed = rank_seed(info.seed % 2**32, rank)
+    random.seed(seed)
     np.random.seed(seed)
+    torch.manual_seed(seed)
     transform = getattr(info.dataset, "transform", None)
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
@@ -81,21 +92,43 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_transform = eval_transform
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.seeded_rank: int | None = None  # the rank whose stream the train transform draws, once set up
         self.loader_options: dict[str, Any] = {
             "num_workers": num_workers,
             "pin_memory": pin_memory,
             # Both options are only valid with worker processes.
             "persistent_workers": persistent_workers and num_workers > 0,
             "prefetch_factor": prefetch_factor if num_workers > 0 else None,
-            "worker_init_fn": seed_worker if num_workers > 0 else None,
         }
 
+    @property
+    def rank(self) -> int:
+        """This process's data-parallel rank (0 outside a Trainer)."""
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls this once the Trainer knows the rank, before it restores a checkpoint's state.
+        if stage == "fit":
+            self.draw_as_rank(self.rank)
+
+    def draw_as_rank(self, rank: int) -> None:
+        """Make the train transform's stream (drawn in this process, without loader workers) rank `rank`'s own: its
+        seed mixed with the rank (see the module's docstring). Once; an unseeded transform is left as it is."""
+        if self.seeded_rank is not None:
+            return
+        self.seeded_rank = rank
+        seed = getattr(self.train_transform, "seed", None)
+        if rank and seed is not None:
+            self.train_transform.set_random_seed(rank_seed(seed, rank))
+
     def _loader(self, images: LabelledImages, transform: Callable[..., dict[str, Any]], train: bool) -> DataLoader:
+        workers = self.loader_options["num_workers"] > 0
         return DataLoader(
             TransformedImages(images, transform),
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train and self.drop_last,
+            worker_init_fn=functools.partial(seed_worker, rank=self.rank) if workers else None,
             **self.loader_options,
         )
 
@@ -106,6 +139,8 @@ class ImageDataModule(L.LightningDataModule):
         return {"augmentation_rng": states} if states else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the streams where the checkpoint left them. A checkpoint holds the first process's streams only:
+        every other rank continues from a seed drawn from them and mixed with its rank, the same on every resume."""
         saved = state_dict.get("augmentation_rng", [])
         generators = random_generators(self.train_transform)
         if len(saved) != len(generators):
@@ -113,6 +148,10 @@ class ImageDataModule(L.LightningDataModule):
         for (generator, py_random), (generator_state, py_random_state) in zip(generators, saved, strict=True):
             generator.bit_generator.state = generator_state  # in place: the transforms hold these very objects
             py_random.setstate(py_random_state)
+        rank = self.seeded_rank or 0
+        if rank and generators and hasattr(self.train_transform, "set_random_seed"):
+            restored = int(generators[0][0].integers(2**32))
+            self.train_transform.set_random_seed(rank_seed(restored, rank))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits.train, self.train_transform, train=True)

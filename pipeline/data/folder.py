@@ -11,10 +11,12 @@ except hidden ones (a leading dot: .DS_Store, .ipynb_checkpoints). Images may ha
 they are converted to `channels` channels when read (see pipeline.data.decode) and resized by the
 transforms to the model's input, so a folder of mixed sizes trains as is (the aspect ratio is not kept).
 
-Every file is decoded once at load time (see pipeline.data.scan). A file that cannot be read, is smaller
-than `min_size` pixels on a side or has more than `max_image_pixels` pixels (a decompression bomb, or a genuine
-huge image: raise the limit), stops the load with a list of all such files — or, with on_bad_file=skip, is left
-out and recorded in ImageSplits.skipped.
+Every file is checked at load time as `verify` says — decoded (full), its header verified (header), or not at all
+(off) — and what each check found is remembered in `cache_dir`, so an unchanged file is checked once (see
+pipeline.data.scan and pipeline.data.verified). A file that cannot be read, is smaller than `min_size` pixels on a
+side or has more than `max_image_pixels` pixels (a decompression bomb, or a genuine huge image: raise the limit),
+stops the load with a list of all such files — or, with on_bad_file=skip, is left out and recorded in
+ImageSplits.skipped.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 from pipeline.data.decode import CHANNEL_COUNTS, PILLOW_MAX_PIXELS, allow_pixels
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageFileSet, ImageSplits, printable, storable
-from pipeline.data.scan import scan_images
+from pipeline.data.scan import VERIFY, scan_images
 from pipeline.data.splits import stratified_holdout
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,9 @@ class Tree:
     labels: list[int]
 
 
-def _check_arguments(root: Path, channels: int, min_size: int, on_bad_file: str, max_pixels: int | None) -> None:
+def _check_arguments(
+    root: Path, channels: int, min_size: int, on_bad_file: str, max_pixels: int | None, verify: str
+) -> None:
     problems = []
     if not root.is_dir():
         problems.append(f"data.root={root}: no such folder (e.g. data.root=/path/to/images, holding <class>/<image>)")
@@ -63,6 +67,8 @@ def _check_arguments(root: Path, channels: int, min_size: int, on_bad_file: str,
             f"data.max_image_pixels={max_pixels!r}: must be an integer >= 1 or null "
             f"(e.g. data.max_image_pixels={PILLOW_MAX_PIXELS})"
         )
+    if verify not in VERIFY:
+        problems.append(f"data.verify={verify!r}: must be full, header or off (e.g. data.verify=full)")
     if problems:
         raise DataError("Cannot load the image folder:\n  " + "\n  ".join(problems))
 
@@ -188,10 +194,13 @@ def load_image_folder(
     min_size: int = 8,
     on_bad_file: str = "error",
     max_image_pixels: int | None = PILLOW_MAX_PIXELS,
+    verify: str = "full",
+    cache_dir: str | Path | None = None,
 ) -> ImageSplits:
-    """Class folders under `root` as train/val/test sets of files, checked up front (see the module docstring)."""
+    """Class folders under `root` as train/val/test sets of files, checked up front (see the module docstring);
+    `cache_dir` None remembers nothing."""
     root = Path(root)
-    _check_arguments(root, channels, min_size, on_bad_file, max_image_pixels)
+    _check_arguments(root, channels, min_size, on_bad_file, max_image_pixels, verify)
     allow_pixels(max_image_pixels)
     given = _split_folders(root)
     classes = [_class_name(folder) for folder in _class_folders(given.get("train", root))]
@@ -203,7 +212,8 @@ def load_image_folder(
             f"images for each class ({folder}/<class>/<image>), or point data.root at the folder that holds them."
         )
 
-    scan = scan_images([path for tree in trees.values() for path in tree.paths], min_size, max_image_pixels)
+    listed = [path for tree in trees.values() for path in tree.paths]
+    scan = scan_images(listed, min_size, max_image_pixels, verify, cache_dir)
     if scan.bad and on_bad_file == "error":
         _refuse_bad_files(scan.bad)
     skipped = [(printable(path), reason) for path, reason in scan.bad]

@@ -1,4 +1,5 @@
-"""How many DataLoader workers this machine can feed, as the `${loader_workers:}` config resolver.
+"""How many DataLoader workers this machine can feed, as the `${loader_workers:}` config resolver, and the seed each
+data-parallel rank draws its data randomness from.
 
 Registered on import; pipeline.config imports this module so every composed config can use it.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from omegaconf import OmegaConf
 
 MAX_LOADER_WORKERS = 8  # beyond this, decoding rarely limits a single-GPU run and each worker costs memory
@@ -22,6 +24,15 @@ def available_cpus() -> int:
 def loader_workers() -> int:
     """One CPU is left to the training loop in the main process; at most MAX_LOADER_WORKERS."""
     return max(0, min(MAX_LOADER_WORKERS, available_cpus() - 1))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of data-parallel rank `rank` for a stream seeded with `seed`: the seed itself on rank 0, so a single
+    process draws what it always drew, and on every other rank a seed hashed from both (NumPy's SeedSequence, the
+    mixing Lightning's own worker seeding uses), so ranks draw distinct streams that `seed` still reproduces."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 OmegaConf.register_new_resolver("loader_workers", loader_workers, replace=True)
