@@ -4,6 +4,8 @@ address, hostname, /tmp and processes (tests/helpers/hosts.py). What cannot work
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -38,15 +40,25 @@ class Cluster:
     server: str  # the tracking server on host A, as both hosts reach it
     env: dict[str, str]
 
-    def sweep(self, *overrides: str) -> tuple[int, str]:
-        """The sweep driver, run on host A; its exit status and output."""
-        command = [
+    def command(self, *overrides: str) -> list[str]:
+        """The sweep driver's command, for host A."""
+        return [
             str(BIN / "python"), "-m", "pipeline.sweep", f"paths.root={self.shared}", *QUIET, *FAST,
             f"ray.address={self.a.address}:{RAY_PORT}", f"logger.tracking_uri={self.server}",
             f"sweep.storage_path={self.shared}/sweeps", *overrides,
         ]  # fmt: skip
-        done = self.a.run(command, self.env, timeout=420, check=False)
+
+    def sweep(self, *overrides: str) -> tuple[int, str]:
+        """The sweep driver, run on host A; its exit status and output."""
+        done = self.a.run(self.command(*overrides), self.env, timeout=420, check=False)
         return done.returncode, done.stdout + done.stderr
+
+    def trials(self, client: mlflow.MlflowClient, name: str) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
+        """Sweep `name`'s parent run and its trials' runs, read from the server's database."""
+        experiment = client.get_experiment_by_name("two-hosts")
+        everything = client.search_runs([experiment.experiment_id], f"tags.`sweep.name` = '{name}'")
+        (parent,) = [r for r in everything if r.data.tags.get("sweep.role") == "parent"]
+        return parent, [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
 def _wait_for_server(host: Host, url: str, env: dict[str, str], timeout: float = 90) -> None:
@@ -96,10 +108,7 @@ def test_a_sweep_runs_its_trials_on_both_hosts_logging_to_the_team_server(cluste
     status, output = cluster.sweep()
     assert status == 0, output[-4000:]
     client = mlflow.MlflowClient(postgres.tcp_uri)  # the server's database, read from this machine
-    experiment = client.get_experiment_by_name("two-hosts")
-    everything = client.search_runs([experiment.experiment_id])
-    (parent,) = [r for r in everything if r.data.tags.get("sweep.role") == "parent"]
-    trials = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    parent, trials = cluster.trials(client, "across")
     assert parent.info.status == "FINISHED" and len(trials) == 2
     assert len({trial.data.tags["sweep.node_id"] for trial in trials}) == 2, "one trial on each host"
     for trial in trials:
@@ -108,3 +117,53 @@ def test_a_sweep_runs_its_trials_on_both_hosts_logging_to_the_team_server(cluste
         # its checkpoints were written on its host into the shared storage, where the driver's host sees them
         folder = cluster.outside / "sweeps" / "across" / "trials" / trial.data.tags["sweep.trial_id"]
         assert list((folder / "checkpoints").glob("best-*.ckpt")), f"no checkpoint in {folder}"
+
+
+def test_trials_spread_over_workers_on_both_hosts_make_one_run_each(cluster: Cluster, postgres: Database) -> None:
+    """Each host has one CPU and each worker asks for one: every trial trains data-parallel across the two hosts."""
+    status, output = cluster.sweep(
+        "sweep.name=workers", "sweep.resources.workers_per_trial=2", "sweep.resources.cpu=1",
+        "sweep.max_concurrent_trials=1", "trainer.limit_test_batches=null",
+    )  # fmt: skip
+    assert status == 0, output[-4000:]
+    client = mlflow.MlflowClient(postgres.tcp_uri)
+    parent, trials = cluster.trials(client, "workers")
+    assert parent.info.status == "FINISHED"
+    assert len(trials) == 2, "one MLflow run per trial, however many workers on however many hosts trained it"
+    for trial in trials:
+        assert trial.info.status == "FINISHED"
+        assert trial.data.metrics["test/samples"] == 270, "the test split counted once, by the first worker"
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/acc")]
+        assert steps == [0, 1], "one validation per epoch, logged once"
+
+
+def test_a_trial_killed_on_the_second_host_is_retried_from_its_checkpoint(cluster: Cluster, postgres: Database) -> None:
+    epochs = 6
+    log = cluster.outside / "retry.log"
+    driver = cluster.a.start(
+        cluster.command("sweep.name=retry", "sweep.max_failures=2", f"trainer.max_epochs={epochs}"), cluster.env, log
+    )
+    folder = cluster.outside / "sweeps" / "retry"
+    try:
+        deadline = time.monotonic() + 240
+        # Both trials have checkpointed once (one runs on each host): then host B's trial dies.
+        while len({p.parent for p in folder.glob("train_trial_*/checkpoint_*")}) < 2 or not cluster.b.processes(
+            b"train_trial"
+        ):
+            assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.5)
+        for pid in cluster.b.processes(b"train_trial"):
+            os.kill(pid, signal.SIGKILL)
+        assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    client = mlflow.MlflowClient(postgres.tcp_uri)
+    _, trials = cluster.trials(client, "retry")
+    assert len(trials) == 2, "the retried trial continued its own run"
+    for trial in trials:
+        assert trial.info.status == "FINISHED" and "test/acc" in trial.data.metrics
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/acc")]
+        assert steps == list(range(epochs)), "each epoch logged exactly once, the retry continuing where it stopped"
+    assert "Restoring states from the checkpoint" in log.read_text()

@@ -43,6 +43,20 @@ class Host:
             raise AssertionError(f"on {self.name}: {' '.join(argv)} exited {done.returncode}:\n{done.stderr[-4000:]}")
         return done
 
+    def processes(self, marker: bytes) -> list[int]:
+        """This machine's PIDs of the processes on this host whose command line holds `marker` (for a test to kill,
+        as a host's failure would)."""
+        network = os.readlink(f"/proc/{self.init_pid}/ns/net")
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.readlink(entry / "ns" / "net") == network and marker in (entry / "cmdline").read_bytes():
+                        found.append(int(entry.name))
+                except OSError:  # gone meanwhile
+                    continue
+        return found
+
     def start(self, argv: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as output:
             return subprocess.Popen(self.command(argv), env=env, stdout=output, stderr=subprocess.STDOUT)
