@@ -119,40 +119,30 @@ def test_a_sweep_runs_its_trials_on_both_hosts_logging_to_the_team_server(cluste
         assert list((folder / "checkpoints").glob("best-*.ckpt")), f"no checkpoint in {folder}"
 
 
-def test_trials_spread_over_workers_on_both_hosts_make_one_run_each(cluster: Cluster, postgres: Database) -> None:
-    """Each host has one CPU and each worker asks for one: every trial trains data-parallel across the two hosts."""
-    status, output = cluster.sweep(
-        "sweep.name=workers", "sweep.resources.workers_per_trial=2", "sweep.resources.cpu=1",
-        "sweep.max_concurrent_trials=1", "trainer.limit_test_batches=null",
-    )  # fmt: skip
-    assert status == 0, output[-4000:]
-    client = mlflow.MlflowClient(postgres.tcp_uri)
-    parent, trials = cluster.trials(client, "workers")
-    assert parent.info.status == "FINISHED"
-    assert len(trials) == 2, "one MLflow run per trial, however many workers on however many hosts trained it"
-    for trial in trials:
-        assert trial.info.status == "FINISHED"
-        assert trial.data.metrics["test/samples"] == 270, "the test split counted once, by the first worker"
-        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/acc")]
-        assert steps == [0, 1], "one validation per epoch, logged once"
+def trials_on(host: Host) -> list[int]:
+    """The Ray worker processes running a trial on `host`."""
+    return [*host.processes(b"ImplicitFunc"), *host.processes(b"train_trial")]
 
 
 def test_a_trial_killed_on_the_second_host_is_retried_from_its_checkpoint(cluster: Cluster, postgres: Database) -> None:
     epochs = 6
     log = cluster.outside / "retry.log"
     driver = cluster.a.start(
-        cluster.command("sweep.name=retry", "sweep.max_failures=2", f"trainer.max_epochs={epochs}"), cluster.env, log
-    )
+        cluster.command(
+            "sweep.name=retry", "sweep.max_failures=2", f"trainer.max_epochs={epochs}",
+            "trainer.limit_train_batches=null",  # epochs of seconds: time to see both trials checkpoint, then kill one
+        ),
+        cluster.env,
+        log,
+    )  # fmt: skip
     folder = cluster.outside / "sweeps" / "retry"
     try:
         deadline = time.monotonic() + 240
         # Both trials have checkpointed once (one runs on each host): then host B's trial dies.
-        while len({p.parent for p in folder.glob("train_trial_*/checkpoint_*")}) < 2 or not cluster.b.processes(
-            b"train_trial"
-        ):
+        while len({p.parent for p in folder.glob("train_trial_*/checkpoint_*")}) < 2 or not trials_on(cluster.b):
             assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-4000:]
             time.sleep(0.5)
-        for pid in cluster.b.processes(b"train_trial"):
+        for pid in trials_on(cluster.b):
             os.kill(pid, signal.SIGKILL)
         assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
     finally:
