@@ -57,4 +57,4 @@ def test_the_run_goes_to_the_experiment_mlflow_experiment_name_names(
     root, _ = smoke
     client = mlflow.MlflowClient(store_uri(root))
     assert client.get_experiment_by_name("digits") is None, "not the data set's experiment"
-    assert the_run(root).data.params["logger.experiment_name"] == EXPERIMENT
+    assert the_run(root).data.tags["logger.experiment_name"] == EXPERIMENT

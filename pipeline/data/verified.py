@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 DATABASE = "verified.sqlite3"
-SCHEMA_VERSION = 1  # SQLite's user_version: a database of another layout is started afresh
+SCHEMA_VERSION = 2  # SQLite's user_version: a database of another layout is started afresh
 LOOKUP_BATCH = 900  # paths per query: below SQLite's limit of host parameters on older builds (999)
 BUSY_TIMEOUT_MS = 60_000  # how long a run waits for another's write to finish
 
@@ -57,6 +57,11 @@ class Facts:
     error: str | None = None
 
 
+def _printable(error: str | None) -> str | None:
+    """An error message as UTF-8 text (it may quote a file name that is not UTF-8)."""
+    return None if error is None else error.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class VerifiedFiles:
     """The database of checked files under one cache folder."""
 
@@ -79,7 +84,7 @@ class VerifiedFiles:
                 with _transaction(connection):
                     connection.execute("DROP TABLE IF EXISTS files")
                     connection.execute(
-                        "CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+                        "CREATE TABLE files (path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
                         " level INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, error TEXT)"
                         " WITHOUT ROWID"
                     )
@@ -101,17 +106,21 @@ class VerifiedFiles:
             marks = ",".join("?" * len(batch))
             rows = self.connection.execute(
                 f"SELECT path, size, mtime_ns, level, width, height, error FROM files WHERE path IN ({marks})",
-                [key.path for key in batch],
+                [os.fsencode(key.path) for key in batch],
             ).fetchall()
             found = {row[0]: row for row in rows}
             for key in batch:
-                row = found.get(key.path)
+                row = found.get(os.fsencode(key.path))
                 matches = row is not None and row[1] == key.size and row[2] == key.mtime_ns
                 yield Facts(*row[3:]) if matches else None
 
     def remember(self, results: Iterable[tuple[Key, Facts]]) -> None:
         """Store the facts of checked files, replacing what an older version of each file left."""
-        rows = [(k.path, k.size, k.mtime_ns, f.level, f.width, f.height, f.error) for k, f in results]
+        # Paths as the file system's bytes: a name that is not UTF-8 (kept by Python as surrogates) is a valid key.
+        rows = [
+            (os.fsencode(k.path), k.size, k.mtime_ns, f.level, f.width, f.height, _printable(f.error))
+            for k, f in results
+        ]
         if not rows:
             return
         try:
