@@ -3,6 +3,8 @@ can fix ends with its message and exit status 2, not a traceback, and progress a
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import signal
 import sys
@@ -27,6 +29,33 @@ if TYPE_CHECKING:
 
 HYDRA_FULL_ERROR = "HYDRA_FULL_ERROR"  # set to 1, Hydra raises errors instead of printing them itself
 _composing = False  # hydra_command set HYDRA_FULL_ERROR until the job starts (CommandChecks.on_job_start)
+
+
+_exit_status: int | None = None  # set by exit_after: the status this process is exiting with
+
+
+def exit_after(main: Callable[[], Any]) -> None:
+    """Run a command's `main` as the process's main program, then end the process as soon as the exit handlers have
+    run, skipping the interpreter's teardown of its modules: 1.5–2.5 s here once torch, Lightning and timm are
+    imported (`python -c "import pipeline.run"` takes 1.7 s longer to exit than to finish), and nothing a finished
+    command needs. Only for `if __name__ == "__main__"`: a process that imports a command (a test) exits as usual."""
+    global _exit_status
+    try:
+        main()
+    except SystemExit as stop:  # Python has printed a message given as the code by the time the handlers run
+        _exit_status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        raise
+    _exit_status = 0
+
+
+@atexit.register  # registered when the commands start, so it runs after every handler registered later (LIFO)
+def _end_without_teardown() -> None:
+    if _exit_status is None:  # not ended through exit_after (an uncaught exception, an importing process)
+        return
+    logging.shutdown()  # its own exit handler was registered before this one, so it would not run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
 
 
 def hydra_command(main: Callable[[], Any]) -> None:

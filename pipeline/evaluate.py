@@ -27,7 +27,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.cli import command, metrics_table, progress_bar
+from pipeline.cli import command, exit_after, metrics_table, progress_bar
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 from pipeline.plots import SHOWN_CLASSES
@@ -287,4 +287,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_after(main)

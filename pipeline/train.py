@@ -19,7 +19,14 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
-from pipeline.cli import adopt_output_folder, hydra_command, metrics_table, sigterm_as_exception, user_errors
+from pipeline.cli import (
+    adopt_output_folder,
+    exit_after,
+    hydra_command,
+    metrics_table,
+    sigterm_as_exception,
+    user_errors,
+)
 from pipeline.config import CONF_DIR, validate
 from pipeline.errors import TrainingDiverged
 from pipeline.multirun import in_multirun, job
@@ -69,4 +76,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    hydra_command(main)
+    exit_after(lambda: hydra_command(main))
