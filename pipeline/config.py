@@ -14,7 +14,7 @@ import inspect
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,10 +224,13 @@ def _refuse(problems: Sequence[str]) -> None:
         raise ConfigError("Invalid configuration:\n  " + "\n  ".join(problems))
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError listing every value that cannot work; silent when the config is sound."""
+def validate(cfg: DictConfig, only: Collection[str] | None = None) -> None:
+    """Raise ConfigError listing every value that cannot work; silent when the config is sound. `only`: check just
+    these keys' rules (for a command whose config shares a few keys with training's), without the cross-field ones."""
     problems = []
     for rule in RULES:
+        if only is not None and rule.key not in only:
+            continue
         value = OmegaConf.select(cfg, rule.key, default=_ABSENT)
         if value is _ABSENT:
             continue
@@ -238,7 +241,8 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             problems.append(f"{rule.key}={plain!r}: must be {rule.allowed} (e.g. {rule.example})")
-    problems += _cross_field_problems(cfg)
+    if only is None:
+        problems += _cross_field_problems(cfg)
     _refuse(problems)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.cli import command, exit_after, metrics_table, progress_bar
-from pipeline.config import CONF_DIR
+from pipeline.config import CONF_DIR, validate
 from pipeline.errors import UserInputError
 from pipeline.plots import SHOWN_CLASSES
 
@@ -196,9 +196,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     split = str(cfg.split)
     if split not in SPLITS:
         raise UserInputError(f"split={split}: must be one of {', '.join(SPLITS)} (e.g. split=test).")
+    validate(cfg, only=("per_class.shown",))  # the rule training's per_class.shown is held to
     shown = OmegaConf.select(cfg, "per_class.shown", default=SHOWN_CLASSES)
-    if not (isinstance(shown, int) and not isinstance(shown, bool) and shown >= 2):
-        raise UserInputError(f"per_class.shown={shown!r}: must be an integer >= 2 (e.g. per_class.shown=30).")
     uri = str(cfg.logger.tracking_uri)
     prepare(uri, cfg.logger.http)
     source = load_source(str(cfg.source), uri, fallback=cfg)
