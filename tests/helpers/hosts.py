@@ -86,6 +86,15 @@ def two_hosts(shared: Path) -> Iterator[tuple[Host, Host, Path]]:
     with ExitStack() as cleanup:
         mount_point.mkdir()
         cleanup.callback(shutil.rmtree, mount_point, ignore_errors=True)
+        # The code the hosts run (this checkout and its virtual environment) stays in sight when it lies under /tmp
+        # (a clone there): held outside /tmp, then mounted back at its path in the host's own /tmp.
+        code, held = Path.cwd().resolve(), Path(f"{mount_point}-code")
+        keep_code = restore_code = ""
+        if code.is_relative_to("/tmp"):
+            held.mkdir()
+            cleanup.callback(shutil.rmtree, held, ignore_errors=True)
+            keep_code = f"mount --bind {code} {held} &&"
+            restore_code = f"mkdir -p {code} && mount --bind {held} {code} &&"
         hosts = []
         names = [(f"hosta-{tag}", f"{SUBNET}.1", f"va{tag}"), (f"hostb-{tag}", f"{SUBNET}.2", f"vb{tag}")]
         for namespace, _, _ in names:
@@ -100,8 +109,8 @@ def two_hosts(shared: Path) -> Iterator[tuple[Host, Host, Path]]:
                 _ip("-n", namespace, *step)
             hostname = namespace.split("-")[0].replace("host", "host-")
             script = (
-                f"hostname {hostname} && mount --bind {shared} {mount_point} && mount -t tmpfs tmpfs /tmp "
-                "&& exec sleep infinity"
+                f"hostname {hostname} && mount --bind {shared} {mount_point} && {keep_code} mount -t tmpfs tmpfs /tmp "
+                f"&& {restore_code} exec sleep infinity"
             )
             holder = subprocess.Popen(
                 ["ip", "netns", "exec", namespace, "unshare", "--pid", "--fork", "--mount-proc", "--mount", "--uts",
