@@ -92,3 +92,12 @@ def tracking_server(postgres: Database, tmp_path_factory: pytest.TempPathFactory
     artifacts = tmp_path_factory.mktemp("server") / "artifacts"
     with mlflow_server(postgres.tcp_uri, artifacts) as url:
         yield Served(url, artifacts)
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[str]:
+    """Ray's session folder: short (its socket paths must stay under 108 characters) and private."""
+    from tests.helpers.sweeps import ray_folder
+
+    with ray_folder() as folder:
+        yield folder

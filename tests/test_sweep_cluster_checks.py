@@ -1,5 +1,5 @@
 """Settings that cannot work across a cluster's hosts are refused before a sweep starts anything, naming the fix.
-(The checks on a running cluster — the storage every node must see — are in tests/test_sweep.py.)"""
+(The checks on a running cluster — the storage every node must see — are in tests/test_sweep_nodes.py.)"""
 
 from __future__ import annotations
 

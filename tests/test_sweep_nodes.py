@@ -1,0 +1,70 @@
+"""A sweep on more than one Ray node and with more than one worker per trial, on a real Ray runtime in its own network
+and PID namespace: trials spread over a two-node cluster (and storage a node cannot see refused), and trials each
+trained by two DDP workers still make one MLflow child run each. (Across two hosts: test_two_hosts.py.)"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import clean_env
+from tests.helpers.isolation import run_isolated
+from tests.helpers.sweeps import ROOT_ONLY, epochs_logged, runs, sweep_command, trial_table
+
+pytestmark = [pytest.mark.e2e, ROOT_ONLY]
+
+
+def test_trials_spread_over_a_two_node_cluster_and_storage_a_node_cannot_see_is_refused(
+    root: Path, ray_tmp: str
+) -> None:
+    ray = Path(sys.executable).with_name("ray")
+    home = root / "home"  # Ray keeps an auth token under ~/.ray: the test cluster keeps its own
+    home.mkdir()
+    hidden = root / "hidden"  # the second node has its own (empty) folder mounted here: storage it does not share
+    hidden.mkdir()
+    port = 6390
+    sweep = sweep_command(
+        root,
+        ray_tmp,
+        "sweep=lr_wd",
+        "sweep.num_samples=2",
+        "sweep.scheduler=fifo",
+        "trainer.max_epochs=2",
+        f"ray.address=127.0.0.1:{port}",
+    )
+    script = f"""
+set -e
+{ray} start --head --port={port} --num-cpus=1 --temp-dir={ray_tmp} --include-dashboard=false --disable-usage-stats
+unshare --mount sh -c 'mount -t tmpfs tmpfs {hidden} && exec {ray} start --address=127.0.0.1:{port} --num-cpus=1 \
+    --disable-usage-stats'
+set +e
+{" ".join(sweep)} sweep.storage_path={hidden}
+echo "refused with exit status $?"
+set -e
+{" ".join(sweep)}
+"""  # fmt: skip
+    output = run_isolated(["sh", "-c", script], root / "cluster.log", timeout=420, env=clean_env(HOME=str(home)))
+    assert "refused with exit status 2" in output, output[-4000:]
+    assert f"sweep.storage_path={hidden} is not shared: node(s) 127.0.0.1 (node " in output
+    assert not list(hidden.iterdir()), "the refused sweep wrote nothing (its check file is gone)"
+    _, children = runs(root)  # one parent run: the refused sweep opened none
+    assert len(children) == 2
+    assert len({child.data.tags["sweep.node_id"] for child in children}) == 2, "one trial on each node"
+
+
+def test_trials_spread_over_two_ddp_workers_each_make_one_mlflow_child(root: Path, ray_tmp: str) -> None:
+    overrides = ("sweep=lr_wd", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.max_concurrent_trials=1")
+    workers = ("sweep.resources.workers_per_trial=2", "sweep.resources.cpu=0.5", "trainer.max_epochs=2")
+    workers += ("trainer.limit_test_batches=null",)
+    run_isolated(sweep_command(root, ray_tmp, *overrides, *workers), root / "sweep.log", timeout=420)
+    parent, children = runs(root)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 2, "one MLflow run per trial, however many workers trained it"
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["test/samples"] == 270, "the test split counted once, by the first worker"
+        steps = epochs_logged(root, child)
+        assert len(steps) == len(set(steps)) == 2, "one validation per epoch, logged once"
+    assert {row["outcome"] for row in trial_table(root)} == {"completed"}
