@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline import checkpointing, internals, resume
+from pipeline import checkpointing, internals, network, resume
 from pipeline.cam import class_activation_png
 from pipeline.checkpointing import AtomicCheckpointIO
 from pipeline.cli import progress_bar
@@ -295,6 +295,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     check_arguments(cfg)  # a key added with + that its optimizer, schedule, trainer… does not take fails here
     callbacks = [*declared_callbacks(cfg), *callbacks]
     lead = is_first_process()
+    network.use_launcher_interface()  # a rank of a run over several hosts talks to them through the right interface
     if lead:  # a server that is down fails now, not later (nor as "no such run" for resume=<run id>)
         prepare(str(cfg.logger.tracking_uri), cfg.logger.http)
     cfg = resume.resolve(cfg, lead)  # resume=<run id | checkpoint>: which checkpoint, into which run and folder
@@ -345,7 +346,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
 
         logger = open_training_run(cfg)
         opened.append(logger)
-        with recorded_status(logger.end):
+        with recorded_status(logger.end, note=lambda reason: logger.set_tag("failure", reason)):
             log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
             log_datasets(logger, cfg.data, splits)
             logger.log_hyperparams(schedule_params)

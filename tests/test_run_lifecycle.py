@@ -76,6 +76,7 @@ def test_a_diverging_run_keeps_no_nan_checkpoint_and_says_what_it_kept(
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert diverged in done.stderr and "Lower optim.lr" in done.stderr and kept in done.stderr
     assert only_run(root).info.status == "FAILED"
+    assert only_run(root).data.tags["failure"].startswith("TrainingDiverged: "), "the run records why it failed"
     from pipeline.checkpointing import problem
 
     kept_files = list(root.glob("outputs/*/*/checkpoints/*.ckpt"))

@@ -1,6 +1,8 @@
-"""A sweep across two hosts that share only a network, a storage folder and the team's tracking server: host A runs
-the MLflow server (on PostgreSQL), the Ray head and the sweep's driver; host B a Ray worker. Each host has its own
-address, hostname, /tmp and processes (tests/helpers/hosts.py). What cannot work across them is refused first."""
+"""Two hosts that share only a network, a storage folder and the team's tracking server: host A runs the MLflow
+server (on PostgreSQL), the Ray head and the sweep's driver; host B a Ray worker. Each host has its own address,
+hostname, /tmp and processes (tests/helpers/hosts.py); neither host's name resolves to its address, as on many real
+hosts. A sweep runs its trials on both (one process each, or data-parallel over both), survives a trial's death and
+its driver's; torchrun trains one run over both; what cannot work across them is refused first."""
 
 from __future__ import annotations
 
@@ -104,9 +106,17 @@ def test_what_cannot_work_across_hosts_is_refused_before_the_sweep_starts(cluste
     assert not (cluster.outside / "sweeps").exists(), "no sweep was started"
 
 
-def test_a_sweep_runs_its_trials_on_both_hosts_logging_to_the_team_server(cluster: Cluster, postgres: Database) -> None:
+@pytest.fixture(scope="module")
+def across(cluster: Cluster) -> str:
+    """The sweep `across` (two one-process trials), run once: its output."""
     status, output = cluster.sweep()
     assert status == 0, output[-4000:]
+    return output
+
+
+def test_a_sweep_runs_its_trials_on_both_hosts_logging_to_the_team_server(
+    cluster: Cluster, postgres: Database, across: str
+) -> None:
     client = mlflow.MlflowClient(postgres.tcp_uri)  # the server's database, read from this machine
     parent, trials = cluster.trials(client, "across")
     assert parent.info.status == "FINISHED" and len(trials) == 2
@@ -157,3 +167,167 @@ def test_a_trial_killed_on_the_second_host_is_retried_from_its_checkpoint(cluste
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/acc")]
         assert steps == list(range(epochs)), "each epoch logged exactly once, the retry continuing where it stopped"
     assert "Restoring states from the checkpoint" in log.read_text()
+
+
+def test_trials_spread_over_workers_on_both_hosts_make_one_run_each(
+    cluster: Cluster, postgres: Database, across: str
+) -> None:
+    """Each host gives Ray one CPU: with 0.9 per worker (and 0.01 for the trial itself) a trial's two workers cannot
+    share a host, so every trial trains data-parallel across both, its process group formed over 10.77.0.0/24."""
+    status, output = cluster.sweep(
+        "sweep.name=workers", "sweep.resources.workers_per_trial=2", "sweep.resources.cpu=0.9",
+        "sweep.max_concurrent_trials=1",
+    )  # fmt: skip
+    assert status == 0, output[-4000:]
+    client = mlflow.MlflowClient(postgres.tcp_uri)
+    parent, trials = cluster.trials(client, "workers")
+    _, single = cluster.trials(client, "across")
+    assert parent.info.status == "FINISHED"
+    assert len(trials) == 2, "one MLflow run per trial, however many workers on however many hosts trained it"
+    for trial in trials:
+        assert trial.info.status == "FINISHED"
+        hosts = trial.data.tags["sweep.worker_hosts"].split(",")
+        assert sorted(hosts) == [cluster.a.address, cluster.b.address], "one worker on each host"
+        assert set(trial.data.metrics) == set(single[0].data.metrics), "the metrics a one-process trial logs"
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/acc")]
+        assert steps == [0, 1], "one validation per epoch, logged once"
+
+
+def started_by_others(host: Host, marker: bytes, unless: bytes) -> list[int]:
+    """The processes on `host` whose command line holds `marker` but not `unless` (what started them)."""
+    return [pid for pid in host.processes(marker) if unless not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_a_killed_driver_is_resumed_and_its_trials_continue_from_their_checkpoints(
+    cluster: Cluster, postgres: Database
+) -> None:
+    epochs = 5
+    log = cluster.outside / "resumed.log"
+    overrides = ("sweep.name=resumed", f"trainer.max_epochs={epochs}", "trainer.limit_train_batches=null")
+    driver = cluster.a.start(cluster.command(*overrides), cluster.env, log)
+    folder = cluster.outside / "sweeps" / "resumed"
+    try:
+        deadline = time.monotonic() + 240
+        # Both trials have checkpointed and the sweep's state has been saved since: then the driver dies.
+        while len({p.parent for p in folder.glob("train_trial_*/checkpoint_*")}) < 2:
+            assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.5)
+        seen = time.time()
+        while not any(state.stat().st_mtime > seen for state in folder.glob("experiment_state*.json")):
+            assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.5)
+        (pid,) = started_by_others(cluster.a, b"pipeline.sweep", b"nsenter")
+        os.kill(pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    status, output = cluster.sweep(*overrides, "resume=resumed")
+    assert status == 0, output[-4000:]
+    assert "Restoring states from the checkpoint" in output
+    client = mlflow.MlflowClient(postgres.tcp_uri)
+    parent, trials = cluster.trials(client, "resumed")
+    assert parent.info.status == "FINISHED" and len(trials) == 2, "the sweep's own run and trials, continued"
+    for trial in trials:
+        assert trial.info.status == "FINISHED" and "test/acc" in trial.data.metrics
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/acc")]
+        assert set(steps) == set(range(epochs)) and steps.count(0) == 1, f"continued, not started again: {steps}"
+
+
+TORCHRUN_PORT = 29500
+
+
+def private_root(case: str) -> str:
+    """paths.root of a torchrun run: on each host's own disk (its /tmp), so the run's folder is the first host's."""
+    return f"/tmp/{case}"
+
+
+def torchrun(cluster: Cluster, rank: int, case: str, *overrides: str) -> list[str]:
+    """One node of `torchrun --nnodes=2`: one process on each host, host A's the first; the run tagged `case`."""
+    return [
+        str(BIN / "torchrun"), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+        f"--master-addr={cluster.a.address}", f"--master-port={TORCHRUN_PORT}", "-m", "pipeline.train",
+        f"paths.root={private_root(case)}", f"+logger.tags.case={case}", *QUIET,
+        "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2",
+        "data.batch_size=32", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
+        f"logger.tracking_uri={cluster.server}", "logger.experiment_name=two-hosts-ddp", *overrides,
+    ]  # fmt: skip
+
+
+def on_host(host: Host, path: str) -> Path:
+    """`path` as `host` sees it (its own /tmp), from this machine."""
+    return Path(f"/proc/{host.init_pid}/root{path}")
+
+
+def ddp_runs(postgres: Database, name: str) -> list[mlflow.entities.Run]:
+    client = mlflow.MlflowClient(postgres.tcp_uri)
+    return client.search_runs([client.get_experiment_by_name("two-hosts-ddp").experiment_id], f"tags.`case` = '{name}'")
+
+
+def test_torchrun_over_two_hosts_makes_one_run_with_one_folder_on_the_first(
+    cluster: Cluster, postgres: Database
+) -> None:
+    short = ("trainer.max_epochs=2", "trainer.limit_train_batches=4")
+    second = cluster.b.start(torchrun(cluster, 1, "short", *short), cluster.env, cluster.outside / "torchrun-b.log")
+    try:
+        first = cluster.a.run(torchrun(cluster, 0, "short", *short), cluster.env, timeout=300, check=False)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert second.wait(timeout=60) == 0, (cluster.outside / "torchrun-b.log").read_text()[-3000:]
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+    assert "effective batch size 64 (1 process × 32 × 2 nodes × 1 accumulated)" in first.stdout
+    (run,) = ddp_runs(postgres, "short")  # one run, though a process on each host trained
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/samples"] == 270, "the test split counted once"
+    assert run.data.params["trainer.num_nodes"] == "2"
+    (folder,) = on_host(cluster.a, private_root("short")).glob("outputs/*/*/checkpoints")
+    assert run.data.tags["output_dir"] == str(folder.parent).removeprefix(str(on_host(cluster.a, "")))
+    assert list(folder.glob("best-*.ckpt"))
+    assert not list(on_host(cluster.b, private_root("short")).rglob("*.ckpt")), "the second host writes no checkpoint"
+
+
+def test_a_process_killed_on_the_second_host_fails_the_torchrun_run_which_resumes(
+    cluster: Cluster, postgres: Database
+) -> None:
+    log_a, log_b = cluster.outside / "killed-a.log", cluster.outside / "killed-b.log"
+    second = cluster.b.start(torchrun(cluster, 1, "killed", "trainer.max_epochs=200"), cluster.env, log_b)
+    first = cluster.a.start(torchrun(cluster, 0, "killed", "trainer.max_epochs=200"), cluster.env, log_a)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(on_host(cluster.a, private_root("killed")).glob("outputs/*/*/checkpoints/last.ckpt")):
+            assert first.poll() is None and time.monotonic() < deadline, log_a.read_text()[-3000:]
+            time.sleep(0.5)
+        (rank_one,) = started_by_others(cluster.b, b"pipeline.train", b"torchrun")  # not its agent: the worker
+        os.kill(rank_one, signal.SIGKILL)
+        killed = time.monotonic()
+        assert first.wait(timeout=120) != 0
+        assert time.monotonic() - killed < 60, "the first host's process gave up promptly"
+        second.wait(timeout=60)
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    (run,) = ddp_runs(postgres, "killed")
+    assert run.info.status == "FAILED"
+    assert cluster.b.address in run.data.tags["failure"], "the reason: the connection to host B's process broke"
+    client = mlflow.MlflowClient(postgres.tcp_uri)
+    trained = len(client.get_metric_history(run.info.run_id, "val/acc"))
+    # Resumed on the first host, whose folder holds the checkpoint: the same run goes on from it.
+    resumed = cluster.a.run(
+        [
+            str(BIN / "python"), "-m", "pipeline.train", f"resume={run.info.run_id}",
+            f"paths.root={private_root('killed')}", *QUIET, "trainer.accelerator=cpu",
+            f"trainer.max_epochs={trained + 2}", "trainer.limit_train_batches=4",
+            "data.batch_size=32", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
+            f"logger.tracking_uri={cluster.server}", "logger.experiment_name=two-hosts-ddp",
+        ],
+        cluster.env,
+    )  # fmt: skip
+    assert resumed.returncode == 0
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) > trained

@@ -107,6 +107,9 @@ def _start_ray(cfg: DictConfig) -> float:
         num_gpus=cfg.ray.num_gpus if local else None,
         _temp_dir=cfg.ray.temp_dir if local else None,
         include_dashboard=False,
+        # On a cluster, each worker process of the sweep picks the interface gloo's process groups use (a trial
+        # spread over hosts): the one carrying its node's address, not the loopback its hostname may resolve to.
+        runtime_env=None if local else {"worker_process_setup_hook": "pipeline.network.use_ray_node_interface"},
     )
     return time.perf_counter() - start
 

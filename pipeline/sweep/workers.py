@@ -23,6 +23,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.run import run
 from pipeline.sweep.state import TRIAL_CHECKPOINT
+from pipeline.tracking.logger import RecordedMLFlowLogger
 
 
 def train_on_workers(cfg: DictConfig, settings: dict[str, Any], folder: str, reported: dict[str, str]) -> None:
@@ -60,7 +61,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker of a trial: run(cfg) as one rank of a DDP run, resumed from the trial's last report."""
     torch.set_num_threads(config["threads"])
     cfg = OmegaConf.create(config["cfg"])
-    callbacks = [EpochReport(config["reported"])]
+    callbacks = [EpochReport(config["reported"]), WorkerHosts()]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         run(cfg, callbacks=callbacks)
@@ -83,3 +84,14 @@ class EpochReport(Callback):
             trainer.save_checkpoint(Path(folder) / TRIAL_CHECKPOINT)  # written by the first rank only
             checkpoint = ray.train.Checkpoint.from_directory(folder) if trainer.is_global_zero else None
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class WorkerHosts(Callback):
+    """The trial's run is tagged with the address of every worker's host, in rank order (`sweep.worker_hosts`): where
+    the trial trained."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        hosts: list[str | None] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(hosts, ray.util.get_node_ip_address())
+        if trainer.is_global_zero and isinstance(trainer.logger, RecordedMLFlowLogger):
+            trainer.logger.set_tag("sweep.worker_hosts", ",".join(str(host) for host in hosts))

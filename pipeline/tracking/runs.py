@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -148,14 +148,24 @@ def log_files(logger: RecordedMLFlowLogger, files: Mapping[str, Path]) -> None:
 
 
 @contextmanager
-def recorded_status(end: Callable[[str], None]) -> Iterator[None]:
-    """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any error): never left RUNNING."""
+def recorded_status(end: Callable[[str], None], note: Callable[[str], None] | None = None) -> Iterator[None]:
+    """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any error): never left RUNNING. `note` is given the
+    reason of a failure (the error's type and first line) before the run is ended."""
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
         end("KILLED")
         raise
-    except BaseException:
+    except BaseException as error:
+        if note is not None:
+            with suppress(Exception):  # the store may be what failed: the error to report is the run's own
+                note(failure_reason(error))
         end("FAILED")
         raise
     end("FINISHED")
+
+
+def failure_reason(error: BaseException) -> str:
+    """`<type>: <first line of the message>`, short enough for an MLflow tag."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:500]
