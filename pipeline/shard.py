@@ -51,8 +51,11 @@ def convert(cfg: DictConfig) -> Any:
     output = str(cfg.output)
     check_url(output)
     store = Store(output, cfg.endpoint_url or None)
-    if not cfg.shard.overwrite and not (not store.is_s3 and not store.folder.exists()) and INDEX in store.sizes():
-        raise ConfigError(f"output={output} already holds shards ({INDEX}): choose another output, or shard.overwrite=true")
+    exists = store.is_s3 or store.folder.exists()  # an S3 bucket must exist: listing it checks the endpoint too
+    if exists and INDEX in store.sizes() and not cfg.shard.overwrite:
+        raise ConfigError(
+            f"output={output} already holds shards ({INDEX}): choose another output or shard.overwrite=true"
+        )
     splits = load_data(cfg.data)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     source: dict[str, Any] = {"data": json.loads(json.dumps(data, default=str))}

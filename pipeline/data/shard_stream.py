@@ -72,16 +72,18 @@ def worker_shares(start: int, stop: int, batch: int, workers: int) -> list[tuple
     return list(itertools.pairwise(edges))
 
 
-def batches_done(counts: list[int], consumed: int) -> list[int]:
-    """How many of its batches each worker has delivered once the loader has yielded `consumed`: PyTorch's loader
-    takes one batch from each worker in turn, skipping workers that have run out."""
-    done = [0] * len(counts)
-    while consumed > 0:
-        for worker, count in enumerate(counts):
-            if consumed and done[worker] < count:
-                done[worker] += 1
-                consumed -= 1
-    return done
+def batches_done(counts: list[int], consumed: int) -> tuple[list[int], int]:
+    """How many of its batches each worker has delivered once the loader has yielded `consumed`, and the worker whose
+    batch comes next: PyTorch's loader takes one batch from each worker in turn, skipping workers that have run out."""
+    done, worker = [0] * len(counts), 0
+    while consumed > 0 and sum(done) < sum(counts):
+        if done[worker] < counts[worker]:
+            done[worker] += 1
+            consumed -= 1
+        worker = (worker + 1) % len(counts)
+    while sum(done) < sum(counts) and done[worker] >= counts[worker]:
+        worker = (worker + 1) % len(counts)
+    return done, worker
 
 
 def pieces(order: np.ndarray, sizes: np.ndarray, start: int, stop: int) -> list[Piece]:
@@ -124,6 +126,7 @@ class ShardStream(IterableDataset):
         self.shards, self.transform, self.batch_size = shards, transform, batch_size
         self.train, self.seed, self.rank, self.world, self.drop_last = train, seed, rank, world, drop_last
         self.epoch, self.skip_batches, self.workers = 0, 0, 1
+        self.rotation = 0  # loader worker i plays the part of worker (i + rotation) % workers (see resume())
         self.sizes = np.array([shard.samples for shard in shards.shards], dtype=np.int64)
 
     def share(self) -> tuple[int, int]:
@@ -136,13 +139,26 @@ class ShardStream(IterableDataset):
         start, stop = self.share()
         return stop - start
 
+    def counts(self) -> list[int]:
+        """The batches each worker delivers in an epoch."""
+        return [-(-(stop - start) // self.batch_size) for start, stop in self.shares()]
+
+    def shares(self) -> list[tuple[int, int]]:
+        return worker_shares(*self.share(), self.batch_size, self.workers)
+
+    def resume(self, epoch: int, done: int) -> None:
+        """Start `epoch` after its first `done` batches. A resumed loader asks its workers for batches in turn from
+        worker 0 again; the one whose batch came next must go first, so the workers' parts are rotated."""
+        self.epoch, self.skip_batches = epoch, done
+        self.rotation = batches_done(self.counts(), done)[1] if done else 0
+
     def plan(self, worker: int) -> EpochPlan:
+        """What loader worker `worker` reads (the part of worker `worker + rotation`)."""
+        worker = (worker + self.rotation) % self.workers
         shuffle = self.train and self.shards.options.shard_shuffle
         order = shard_order(len(self.sizes), self.seed, self.epoch, shuffle)
-        shares = worker_shares(*self.share(), self.batch_size, self.workers)
-        counts = [-(-(stop - start) // self.batch_size) for start, stop in shares]
-        done = batches_done(counts, self.skip_batches)[worker]
-        start, stop = shares[worker]
+        done = batches_done(self.counts(), self.skip_batches)[0][worker]
+        start, stop = self.shares()[worker]
         return EpochPlan(
             pieces(order, self.sizes, start, stop), stop - start, min(done * self.batch_size, stop - start)
         )
@@ -168,6 +184,7 @@ class ShardStream(IterableDataset):
         """(image bytes, label) in the order this worker delivers them: shuffled by blocks when training; evaluation
         reads its pieces in order."""
         plan = self.plan(worker)
+        worker = (worker + self.rotation) % self.workers
         if not self.train:
             for piece in plan.pieces:
                 yield from self.shards.encoded(piece.shard, piece.start, piece.stop)
@@ -204,7 +221,7 @@ class ShardLoader(DataLoader):
     def start(self) -> Iterator[Any]:
         epoch, done = self.position()
         stream: ShardStream = self.dataset  # type: ignore[assignment]
-        stream.epoch, stream.skip_batches = epoch, done if 0 < done < len(self) else 0
+        stream.resume(epoch, done if 0 < done < len(self) else 0)
         return super().__iter__()
 
     # Lightning keeps these in its checkpoints (a loader without them gets a warning on a mid-epoch resume); the
