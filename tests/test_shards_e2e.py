@@ -76,7 +76,7 @@ def test_digits_converted_into_s3_train_from_it_into_an_mlflow_run_and_evaluate(
         (["data.url=s3://no-such-bucket/digits"], "s3://no-such-bucket/digits: no such bucket"),
         (
             [f"data.url={URL}", "data.endpoint_url=http://127.0.0.1:9"],
-            "the S3 endpoint http://127.0.0.1:9 does not answer",
+            f"{URL}: the S3 endpoint http://127.0.0.1:9 does not answer",
         ),
     ],
 )
