@@ -16,9 +16,10 @@ Because a block's order depends only on those numbers, a position is resumable e
 each worker's share of them is known (PyTorch's loader takes batches from its workers in turn), so a resumed run skips
 the blocks before it without reading them (the index gives every sample's byte offset) and the used part of the
 current block, and goes on with the very batches the interrupted run would have drawn next (the workers' parts are
-rotated so that the one whose batch came next goes first: a new loader starts its turns at worker 0). The loader reads the epoch
-and the batches already done from the Trainer when its first batch is asked for (after Lightning has restored a
-checkpoint and started the epoch), which is also why its workers start afresh each epoch (no persistent workers).
+rotated so that the one whose batch came next goes first: a new loader starts its turns at worker 0). The loader
+reads the epoch and the batches already done from the Trainer when its first batch is asked for (after Lightning has
+restored a checkpoint and started the epoch), which is also why its workers start afresh each epoch (no persistent
+workers).
 """
 
 from __future__ import annotations

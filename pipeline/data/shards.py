@@ -49,13 +49,16 @@ class ShardSet:
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum([shard.samples for shard in self.shards])]).astype(np.int64)
+        self._labels = (
+            np.concatenate([shard.labels for shard in self.shards]) if self.shards else np.zeros(0, dtype=np.int64)
+        )
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     @property
     def labels(self) -> np.ndarray:
-        return np.concatenate([shard.labels for shard in self.shards]) if self.shards else np.zeros(0, np.int64)
+        return self._labels
 
     def encoded(self, shard: int, start: int, stop: int) -> Iterator[tuple[bytes, int]]:
         """(image bytes, label) of samples [start, stop) of shard number `shard`, in one ranged read."""
