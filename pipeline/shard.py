@@ -19,6 +19,10 @@ from pipeline.config import CONF_DIR, ConfigError
 
 def _check(cfg: DictConfig) -> None:
     problems = []
+    if OmegaConf.is_missing(cfg, "output"):
+        problems.append(
+            "output is not set: where the shards go (e.g. output=/data/shards or output=s3://bucket/shards)"
+        )
     for key in ("max_samples", "max_bytes"):
         value = cfg.shard[key]
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
