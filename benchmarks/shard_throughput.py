@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,7 @@ def main() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     os.environ.update(CREDENTIALS)
+    local = Path(tempfile.mkdtemp(prefix="shards-"))  # the local copy, removed at the end
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -126,7 +128,6 @@ def main() -> None:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-        local = Path(tempfile.mkdtemp(prefix="shards-"))
         stores = {"S3 (moto, loopback)": Store("s3://bench/shards", endpoint), "local folder": Store(str(local))}
         watched = psutil.Process(server.pid)
         lines = []
@@ -159,6 +160,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(local, ignore_errors=True)
 
 
 if __name__ == "__main__":
