@@ -27,6 +27,8 @@ from pipeline.config import ConfigError, check_arguments, validate
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.images import ImageSplits
 from pipeline.data.preview import save_augmentation_grid
+from pipeline.data.shard_stream import ShardDataModule
+from pipeline.data.shards import ShardSet
 from pipeline.data.sources import load_data
 from pipeline.data.transforms import InputSpec, eval_transform, train_transform
 from pipeline.distributed import (
@@ -185,7 +187,9 @@ def _locate(target: str, key: str) -> object:
 
 
 def build_data(cfg: DictConfig, splits: ImageSplits, spec: InputSpec) -> ImageDataModule:
-    return ImageDataModule(
+    # Shards (data=shards) stream into training; every other source is indexed.
+    kind = ShardDataModule if isinstance(splits.train, ShardSet) else ImageDataModule
+    return kind(
         splits,
         train_transform=train_transform(cfg.aug.train, spec, seed=cfg.seed),
         eval_transform=eval_transform(spec),

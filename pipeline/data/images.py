@@ -208,6 +208,9 @@ def content_chunks(part: LabelledImages, indices: np.ndarray | None = None) -> I
     """The contents of the images of `part` (at `indices`, default all), in order, as byte chunks for a fingerprint:
     the pixels of images held in memory (with their shape), the bytes of image files as stored. A subset yields its
     base's images at its indices, so the same images in the same order give the same chunks however they were cut."""
+    if indices is None and hasattr(part, "content_chunks"):  # a set that fingerprints itself (shards: their checksums)
+        yield from part.content_chunks()
+        return
     indices = np.arange(len(part)) if indices is None else indices
     if isinstance(part, ImageSubset):
         yield from content_chunks(part.base, part.indices[indices])
