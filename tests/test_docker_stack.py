@@ -37,7 +37,8 @@ QUICK = (  # small and quick: an epoch of a trial takes a second or two on one c
     "progress=none", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     "data.batch_size=32", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
 )  # fmt: skip
-SWEEP_QUICK = (*QUICK, "trainer.max_epochs=6", f"sweep.name={SWEEP}", "logger.experiment_name=docker-sweep")
+EPOCHS = 12  # a trial trains a dozen seconds: time to kill its worker in the middle
+SWEEP_QUICK = (*QUICK, f"trainer.max_epochs={EPOCHS}", f"sweep.name={SWEEP}", "logger.experiment_name=docker-sweep")
 TRAIN_QUICK = (*QUICK, "logger.experiment_name=docker-train")
 
 
@@ -54,6 +55,7 @@ def readme(start: str) -> list[str]:
 
 
 COMPOSE = "docker compose -f docker/compose.yaml"
+HEALTHY = ("postgres", "mlflow", "ray-head")  # the services with a health check
 
 
 @dataclass
@@ -122,7 +124,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.run(down)  # what a killed session may have left
         stop.callback(stack.run, down, check=False)
         stack.run(readme(f"{COMPOSE} up"), timeout=600)
+        wait_for(lambda: all(health(stack).values()), 240, "postgres, mlflow and ray-head healthy (`ps`)")
         yield stack
+
+
+def health(stack: Stack) -> dict[str, bool]:
+    """Whether `ps`, as the README types it, reports each service with a health check healthy."""
+    listed = stack.run(readme(f"{COMPOSE} ps")).stdout.splitlines()
+    lines = {s: [line for line in listed if f"{PROJECT}_{s}_" in line or f"{PROJECT}-{s}-" in line] for s in HEALTHY}
+    return {service: len(found) == 1 and "(healthy)" in found[0] for service, found in lines.items()}
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -133,10 +143,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
 
 
 def test_stack_comes_up_healthy_with_two_workers_and_the_server_published_on_loopback_only(stack: Stack) -> None:
-    listed = stack.run(readme(f"{COMPOSE} ps")).stdout
-    for service in ("postgres", "mlflow", "ray-head"):
-        (line,) = [line for line in listed.splitlines() if f"{PROJECT}_{service}_" in line or f"-{service}-" in line]
-        assert "(healthy)" in line, listed
+    assert all(health(stack).values())
     assert len(stack.containers("ray-worker")) == 2
     (mlflow_container,) = stack.containers("mlflow")
     bindings = stack.inspect(mlflow_container)["HostConfig"]["PortBindings"]["5000/tcp"]
@@ -150,7 +157,7 @@ def test_stack_comes_up_healthy_with_two_workers_and_the_server_published_on_loo
 
 def trial_running(stack: Stack, container: str) -> bool:
     """Whether a Ray worker container runs a trial (Ray names its process after the trainable)."""
-    listed = stack.engine.docker("top", container, "-eo", "args", check=False).stdout
+    listed = stack.engine.docker("top", container, "-eo", "pid,args", check=False).stdout
     return "ImplicitFunc" in listed or "train_trial" in listed
 
 
@@ -178,10 +185,13 @@ def test_sweep_spreads_over_both_workers_and_finishes_when_one_is_killed(stack: 
             return len(running) == 2 and all(epochs) and all(trial_running(stack, w) for w in workers)
 
         wait_for(both_training, 420, "a trial past its first epoch on each worker")
-        _, kids = children(client)
-        first = {r.info.run_id: r.data.tags for r in kids if r.info.status == "RUNNING"}
         killed = workers[-1]
         stack.engine.docker("kill", killed)  # the worker's machine fails: every process of it dies at once
+        _, kids = children(client)
+        first = {r.info.run_id: r.data.tags for r in kids if r.info.status == "RUNNING"}
+        hostname = stack.inspect(killed)["Config"]["Hostname"]  # a trial's `host` tag: where it ran
+        (cut,) = [run_id for run_id, tags in first.items() if tags.get("host") == hostname]
+        trained = len(client.get_metric_history(cut, "val/acc"))
         assert sweep.wait(timeout=600) == 0, (stack.logs / "sweep.log").read_text()[-5000:]
     finally:
         if sweep.poll() is None:
@@ -193,12 +203,13 @@ def test_sweep_spreads_over_both_workers_and_finishes_when_one_is_killed(stack: 
     parent, kids = children(client)
     assert parent is not None and parent.info.status == "FINISHED"
     assert len(kids) == 4 and all(r.info.status == "FINISHED" for r in kids), [(r.info.status) for r in kids]
-    hostname = stack.inspect(killed)["Config"]["Hostname"]  # the trial's `host` tag: where it ran
-    (retried,) = [r for r in kids if first.get(r.info.run_id, {}).get("host") == hostname]
-    steps = [m.step for m in client.get_metric_history(retried.info.run_id, "val/acc")]
-    assert steps == sorted(set(steps)) and len(steps) == 6, "resumed from its checkpoint: each epoch logged once"
+    assert trained < EPOCHS, "killed in the middle of its trial"
+    (retried,) = [r for r in kids if r.info.run_id == cut]
+    steps = [m.step for m in client.get_metric_history(cut, "val/acc")]
+    assert steps == sorted(set(steps)) and len(steps) == EPOCHS, "resumed from its checkpoint: each epoch once"
     assert "test/acc" in retried.data.metrics
-    assert "Restoring states from the checkpoint" in output, "the killed trial resumed from its checkpoint"
+    resumed = re.findall(r"Restoring states from the checkpoint path at (\S+)", output)
+    assert any("/checkpoint_" in path for path in resumed), "the killed trial resumed from its Tune checkpoint"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.csv", "best"}
 
     (head,) = stack.containers("ray-head")  # the checkpoints and the best config lie on the shared volume

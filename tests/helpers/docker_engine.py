@@ -91,9 +91,7 @@ class Engine:
     def docker(
         self, *args: str, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            ["docker", *args], env=env or self.env(), capture_output=True, text=True, timeout=timeout
-        )
+        done = subprocess.run(["docker", *args], env=env or self.env(), capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise AssertionError(f"docker {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
         return done
@@ -108,11 +106,19 @@ def _ours(pid: int, data_root: Path) -> bool:
     return Path(command[0].decode()).name == "dockerd" and f"--data-root={data_root}".encode() in command
 
 
-def _stop(pid: int, grace: float = 60) -> None:
-    """SIGTERM (dockerd stops its containers and its containerd), then SIGKILL after `grace` seconds."""
+def _stop(pid: int, grace: float = 60, child: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM (dockerd stops its containers and its containerd), then SIGKILL after `grace` seconds. `child`: the
+    process when this one started it (it must be waited for: a child that exited lingers until then)."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
+        return
+    if child is not None:
+        try:
+            child.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
@@ -132,9 +138,10 @@ def _locked(path: Path, timeout: float) -> Iterator[None]:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except BlockingIOError as busy:
                 if time.monotonic() > deadline:
-                    raise Unavailable(f"another test session holds {path} (its engine) for over {timeout:.0f} s")
+                    message = f"another test session holds {path} (its engine) for over {timeout:.0f} s"
+                    raise Unavailable(message) from busy
                 time.sleep(2)
         try:
             yield
@@ -182,9 +189,15 @@ def engine(cache: Path = CACHE, wait_for_lock: float = 1800) -> Iterator[Engine]
             _wait_until_up(started, process)
             yield started
         finally:
-            _stop(process.pid)
-            process.wait()
+            _stop(process.pid, child=process)
+            _unmount_under(run)  # the engine's network namespace handle, when it could not unmount it itself
             shutil.rmtree(run, ignore_errors=True)
+
+
+def _unmount_under(folder: Path) -> None:
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(f"{folder}/")), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
 
 
 def _wait_until_up(started: Engine, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
