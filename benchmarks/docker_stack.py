@@ -81,8 +81,11 @@ def main() -> None:
         for image in ("cnn-pipeline", "cnn-pipeline-postgres", base):
             size = int(started.docker("image", "inspect", "--format={{.Size}}", image).stdout)
             print(f"image size, {image}: {size / 1e9:.2f} GB")
-        layers = started.docker("history", "--format={{.Size}}\t{{.CreatedBy}}", "cnn-pipeline").stdout.splitlines()
-        print("largest layers of cnn-pipeline:", *(line[:110] for line in layers[:4]), sep="\n  ")
+        history = started.docker("history", "--human=false", "--no-trunc", "--format={{.Size}}\t{{.CreatedBy}}",
+                                 "cnn-pipeline").stdout.splitlines()  # fmt: skip
+        layers = sorted((line.split("\t", 1) for line in history), key=lambda layer: -int(layer[0]))
+        largest = (f"{int(size) / 1e9:.2f} GB  {command[:100]}" for size, command in layers[:3])
+        print("largest layers of cnn-pipeline:", *largest, sep="\n  ")
 
         for _ in range(args.rounds):
             subprocess.run([*compose, "down", "--volumes"], cwd=REPO, env=env, check=True, capture_output=True)
