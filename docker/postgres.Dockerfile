@@ -11,9 +11,12 @@ ENV PGDATA=/var/lib/postgresql/data \
     PATH=/usr/lib/postgresql/${PG_MAJOR}/bin:$PATH
 
 # Only the server's binaries: Debian's packages would also make a cluster of their own, which this image does not
-# use (the first start makes one in PGDATA). Debian's security updates are wanted: no version pins.
+# use (the first start makes one in PGDATA). Debian's security updates are wanted: no version pins. The user
+# `postgres` is made first, with the uid and gid of the official image (999), so that the packages keep it.
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN groupadd --system --gid 999 postgres \
+    && useradd --system --uid 999 --gid postgres --home-dir /var/lib/postgresql --shell /bin/sh postgres \
+    && apt-get update \
     && apt-get install -y --no-install-recommends postgresql-common \
     && sed -i 's/^#* *create_main_cluster.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf \
     && apt-get install -y --no-install-recommends "postgresql-${PG_MAJOR}" \
@@ -23,7 +26,7 @@ RUN apt-get update \
     && chmod 700 "$PGDATA"
 
 COPY docker/postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint.sh
-USER postgres
+USER 999:999
 EXPOSE 5432
 STOPSIGNAL SIGINT
 ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]

