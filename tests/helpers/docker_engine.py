@@ -5,9 +5,9 @@ outlives the session (so images and their layers are built once per machine, not
 host's firewall nor its routing: `--iptables=false --ip-masq=false --ip-forward=false`, and no default bridge
 (`--bridge=none`). Compose's networks still work: a user-defined bridge carries the containers' traffic between
 them, its embedded DNS answers their service names (the rules it needs live in each container's own network
-namespace), and a port published on 127.0.0.1 is forwarded by the engine's userland proxy. Containers reach nothing
-beyond their own network and the host's loopback port; builds use the host's network (`--network=host`), to reach
-Debian's mirror and PyPI.
+namespace), and a port published on 127.0.0.1 is forwarded by the engine's userland proxy. Containers reach each
+other and this host's side of their bridge, nothing beyond (no forwarding, no NAT); `docker run` without a network
+gets loopback only. Builds use the host's network (`--network=host`), to reach Debian's mirror and PyPI.
 
 One engine at a time uses the data folder: a lock file serialises test sessions (CI runs on the same machines), and
 an engine a killed session left behind — found by the PID file in the cache folder — is stopped first.
