@@ -37,8 +37,12 @@ QUICK = (  # small and quick: an epoch of a trial takes a second or two on one c
     "progress=none", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     "data.batch_size=32", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
 )  # fmt: skip
-EPOCHS = 20  # a trial trains for 20 epochs: time to kill its worker in the middle
-SWEEP_QUICK = (*QUICK, f"trainer.max_epochs={EPOCHS}", f"sweep.name={SWEEP}", "logger.experiment_name=docker-sweep")
+EPOCHS = 12  # a trial trains for 12 epochs of the whole training split (a second or more each, however idle the
+# machine): time to see it past its first epoch and kill its worker before its last
+SWEEP_QUICK = (
+    *QUICK, "trainer.limit_train_batches=null", f"trainer.max_epochs={EPOCHS}", f"sweep.name={SWEEP}",
+    "logger.experiment_name=docker-sweep",
+)  # fmt: skip
 TRAIN_QUICK = (*QUICK, "logger.experiment_name=docker-train")
 
 
