@@ -12,11 +12,11 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from pipeline.data.contents import FileHashes
 from pipeline.data.decode import CHANNEL_COUNTS, decode_image
 from pipeline.data.errors import DataError
 
@@ -201,24 +201,28 @@ class ImageSplits:
         }
 
 
-CHUNK_IMAGES = 4096  # in-memory images hashed per call: a bounded copy of a set that may be large
+CHUNK_IMAGES = 4096  # images hashed per call: a bounded copy of a set that may be large
 
 
-def content_chunks(part: LabelledImages, indices: np.ndarray | None = None) -> Iterator[bytes | np.ndarray]:
+def content_chunks(
+    part: LabelledImages, indices: np.ndarray | None = None, hashes: FileHashes | None = None
+) -> Iterator[bytes | np.ndarray]:
     """The contents of the images of `part` (at `indices`, default all), in order, as byte chunks for a fingerprint:
-    the pixels of images held in memory (with their shape), the bytes of image files as stored. A subset yields its
-    base's images at its indices, so the same images in the same order give the same chunks however they were cut."""
+    the pixels of images held in memory (with their shape), the MD5 of each image file's bytes as stored (from
+    `hashes`, which remembers them between runs; None: each file is read). A subset yields its base's images at its
+    indices, so the same images in the same order give the same chunks however they were cut."""
     indices = np.arange(len(part)) if indices is None else indices
     if isinstance(part, ImageSubset):
-        yield from content_chunks(part.base, part.indices[indices])
+        yield from content_chunks(part.base, part.indices[indices], hashes)
     elif isinstance(part, ImageSet):
         yield np.asarray(part.images.shape[1:], dtype=np.int64)
         for start in range(0, len(indices), CHUNK_IMAGES):
             yield np.ascontiguousarray(part.images[indices[start : start + CHUNK_IMAGES]])
     elif isinstance(part, ImageFileSet):
-        for index in indices:
-            data = Path(stored_path(str(part.paths[index]))).read_bytes()
-            yield np.int64(len(data)).tobytes() + data  # the length keeps file boundaries part of the fingerprint
+        hash_files = hashes or FileHashes()
+        for start in range(0, len(indices), CHUNK_IMAGES):
+            chunk = indices[start : start + CHUNK_IMAGES]
+            yield b"".join(hash_files([stored_path(str(part.paths[index])) for index in chunk]))
     else:  # any other LabelledImages: its decoded pixels
         for index in indices:
             image = np.ascontiguousarray(part[int(index)][0])
