@@ -38,10 +38,12 @@ def test_every_option_runs_and_keeps_labels_aligned(
 ) -> None:
     entries = compose_in(root, [f"aug={aug}"]).aug.train
     data = images(12, channels, source)
+    data.images.setflags(write=False)  # as decoded files are (NumPy's view of Pillow's bytes): no step may write
     dataset = TransformedImages(data, train_transform(entries, spec(channels, target), seed=0))
     for index in range(len(data)):
         tensor, label = dataset[index]
-        assert tensor.shape == (channels, *target) and tensor.dtype == torch.float32
+        # uint8 out of the loader: normalised on the training device
+        assert tensor.shape == (channels, *target) and tensor.dtype == torch.uint8
         assert label == data.labels[index]
 
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.data.contents import FileHashes
-from pipeline.data.decode import CHANNEL_COUNTS, decode_image
+from pipeline.data.decode import CHANNEL_COUNTS, MinScale, decode_image
 from pipeline.data.errors import DataError
 
 # A file name that is not valid UTF-8 reaches Python with each undecodable byte as a lone surrogate (PEP 383): the
@@ -105,9 +105,13 @@ class ImageFileSet:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.read(index)
+
+    def read(self, index: int, min_scale: MinScale | None = None) -> tuple[np.ndarray, int]:
+        """Item `index`, a JPEG decoded smaller where `min_scale` allows (see pipeline.data.decode)."""
         path = stored_path(str(self.paths[index]))
         try:
-            image = decode_image(path, self.channels)
+            image = decode_image(path, self.channels, min_scale)
         except Exception as error:  # the load-time scan passed it: the file changed since, or the disk failed
             raise DataError(
                 f"{printable(path)}: could not be decoded ({type(error).__name__}: {error}). It was readable when the "
@@ -134,6 +138,17 @@ class ImageSubset:
     @property
     def channels(self) -> int:
         return self.base.channels
+
+
+def read(part: LabelledImages, index: int, min_scale: MinScale | None = None) -> tuple[np.ndarray, int]:
+    """`part[index]`, with image files decoded smaller where `min_scale` allows (JPEG draft decoding); images held in
+    memory are returned as they are."""
+    if isinstance(part, ImageSubset):
+        image, _ = read(part.base, int(part.indices[index]), min_scale)
+        return image, int(part.labels[index])
+    if isinstance(part, ImageFileSet):
+        return part.read(index, min_scale)
+    return part[index]
 
 
 @dataclass(frozen=True)
