@@ -35,6 +35,7 @@ from typing import Any
 import albumentations as A
 import cv2
 
+from pipeline.data.augmentations import FASTER
 from pipeline.errors import UserInputError
 
 SIZE_KEYS = ("size", "height", "width")
@@ -98,7 +99,8 @@ def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
 
 
 def transform_class(name: str, where: str) -> type[A.BasicTransform] | type[A.BaseCompose]:
-    cls = getattr(A, name, None)
+    """Albumentations' class `name`, or our faster equivalent of it (pipeline.data.augmentations)."""
+    cls = FASTER.get(name) or getattr(A, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
         known = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and n[0].isupper()]
         hint = difflib.get_close_matches(name, known, n=3)
