@@ -9,7 +9,7 @@
    reported: images per second of wall time, and images per CPU-second — every image over the CPU time (user +
    system) of the main process and its loader workers together, the figure that says how many cores a GPU needs.
    What the batches then cost on the training device (uint8 → float, normalisation, channels-last) is not CPU work
-   when training on a GPU, and is left out; it is timed on its own (`device step`, here on the CPU).
+   when training on a GPU, and is left out; it is timed on its own (`device step`, here on one CPU thread).
    torchvision + timm: the same files, `ImageFolder` and a plain DataLoader with the same batch and workers.
 2. Draft: decoding large JPEGs (1600×1200 photos, the size of a phone's picture scaled down) to 224×224 in full and
    resizing, against libjpeg's DCT scaling (`Image.draft`) first — the time per image, and how far apart the two
@@ -52,7 +52,6 @@ if aug == "torchvision+timm":
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:images]
     def loader():
         return DataLoader(Subset(dataset, order.tolist()), batch_size=batch, shuffle=True, num_workers=workers)
-    step = None
 else:
     from pipeline.config import compose
     from pipeline.data.folder import load_image_folder
@@ -69,7 +68,6 @@ else:
     train = ImageSubset(part, pick, part.labels[pick])
     module = build_data(cfg, ImageSplits(train, train, train, splits.classes), InputSpec((224, 224), 3, MEAN, STD))
     loader = module.train_dataloader
-    step = getattr(module, "on_after_batch_transfer", None)
 def cpu():
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -83,13 +81,14 @@ for _ in range(3):
     wall, spent = time.perf_counter() - started, cpu() - used
     rates.append((seen / wall, seen / spent, str(batch_images.dtype)))
 device = None
-if step is not None:
+if batch_images.dtype == torch.uint8:  # what the training device then does with each batch, here on one CPU thread
+    from pipeline.data.normalize import Normalize
+    normalize = Normalize(MEAN, STD, channels_last=True)
     torch.set_num_threads(1)
-    last = (batch_images, labels)
-    started = time.perf_counter()
+    started = time.process_time()
     for _ in range(20):
-        step(last, 0)
-    device = (time.perf_counter() - started) / 20 * 1000
+        normalize(batch_images)
+    device = (time.process_time() - started) / 20 * 1000
 print(json.dumps({"wall": max(r[0] for r in rates), "cpu": max(r[1] for r in rates), "dtype": rates[0][2],
                   "device_ms": device}))
 """

@@ -113,12 +113,11 @@ class ImageClassifier(L.LightningModule):
             self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
             self.compiled = True
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # On the training device: uint8 → normalised float (channels-last when set), before Mixup and the network.
-        if self.normalize is None:
-            return batch
-        images, *rest = batch
-        return (self.normalize(images), *rest)
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch as the loader gives it, on the training device → the network's input: uint8 → normalised float
+        (channels-last when set), before Mixup. Done in the steps rather than in Lightning's on_after_batch_transfer:
+        Lightning warns at every run when a LightningModule overrides that hook and a DataModule is given."""
+        return images if self.normalize is None else self.normalize(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -135,6 +134,7 @@ class ImageClassifier(L.LightningModule):
         """Loss against `targets` (default: the labels) with `criterion` (default: cross-entropy); metrics against
         the labels, so mixed training batches are still scored on what their images originally were."""
         images, labels = batch
+        images = self.prepare(images)  # a batch already prepared (training_step's, mixed) passes unchanged
         criterion = criterion or self.criterion
         targets = labels if targets is None else targets
         output = self(images)
@@ -159,6 +159,7 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        images = self.prepare(images)
         targets = None
         if self.mixup is not None:
             off = self.mixup_off_epoch is not None and self.current_epoch >= self.mixup_off_epoch

@@ -36,17 +36,17 @@ def reference(images: torch.Tensor) -> torch.Tensor:
 
 
 def test_batches_are_uint8_and_the_module_normalises_them_on_its_device() -> None:
-    images, labels = next(iter(datamodule(0).val_dataloader()))
+    images, _ = next(iter(datamodule(0).val_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 16, 16)
     for channels_last in (False, True):
         module = ImageClassifier(
             nn.Identity(), 2, optimizer=None, scheduler=None, normalize=Normalize(SPEC.mean, SPEC.std, channels_last)
         )
-        prepared, same_labels = module.on_after_batch_transfer((images, labels), 0)
-        assert prepared.dtype == torch.float32 and torch.equal(same_labels, labels)
+        prepared = module.prepare(images)
+        assert prepared.dtype == torch.float32
         assert torch.allclose(prepared.double(), reference(images), atol=1e-5)
         assert prepared.is_contiguous(memory_format=torch.channels_last) is channels_last
-        assert module.on_after_batch_transfer((prepared, labels), 0)[0] is prepared, "a float batch is left alone"
+        assert module.prepare(prepared) is prepared, "a float batch is left alone"
     assert "normalize.scale" not in module.state_dict(), "checkpoints hold the network's weights only"
 
 

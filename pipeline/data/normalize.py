@@ -3,7 +3,7 @@ by the input spec's mean and std, in the memory format the network runs in, in o
 
 The loader workers hand over uint8 (pipeline.data.transforms), so a batch crosses processes and the host→device copy
 at a quarter of float32's bytes; this step costs a GPU microseconds. Training, validation and testing (the
-LightningModule's `on_after_batch_transfer`), `pipeline.evaluate`, Grad-CAM figures and the served model
+LightningModule's steps, before Mixup), `pipeline.evaluate`, Grad-CAM figures and the served model
 (pipeline.inference) all go through this one module, so they compute the same numbers.
 """
 
