@@ -11,9 +11,10 @@
    What the batches then cost on the training device (uint8 → float, normalisation, channels-last) is not CPU work
    when training on a GPU, and is left out; it is timed on its own (`device step`, here on one CPU thread).
    torchvision + timm: the same files, `ImageFolder` and a plain DataLoader with the same batch and workers.
-2. Draft: decoding large JPEGs (1600×1200 photos, the size of a phone's picture scaled down) to 224×224 in full and
-   resizing, against libjpeg's DCT scaling (`Image.draft`) first — the time per image, and how far apart the two
-   results are (mean and largest difference, 0–255 levels).
+2. Draft: decoding large JPEGs (1600×1200 photos) in full against libjpeg's DCT scaling (`Image.draft`) as far as
+   each pipeline allows (pipeline.data.transforms.draft_scale) — CPU time per image; for the deterministic resize, how
+   far apart the two images the model sees are (mean difference, 0–255), next to how far apart two standard ways of
+   resizing the fully decoded image are (bilinear and area): resampling noise.
 
 The folder is generated like benchmarks/data_scale.py's (JPEGs of 300–500 px a side, about 40 KB each, 100 classes)
 and kept. Run with PYTHONPATH pointing at another checkout to measure that code (the script uses only build_data,
@@ -121,26 +122,36 @@ def photo(width: int, height: int, seed: int) -> bytes:
 def draft_rows(count: int = 30) -> list[str]:
     import cv2
 
+    from pipeline.config import compose
     from pipeline.data.decode import decode_image
+    from pipeline.data.transforms import InputSpec, draft_scale, eval_transform, train_transform
 
+    cv2.setNumThreads(1)
+    spec = InputSpec((224, 224), 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     files = [photo(1600, 1200, seed) for seed in range(count)]
     rows = []
-    for label, at_least in (("eval: resize to 224×224", (224, 224)), ("heavy: crops of ≥35% area", (379, 379))):
-        times, differences = {"full": 0.0, "draft": 0.0}, []
+    for label, transform in (
+        ("resize to 224×224 (evaluation's transform, `aug=none`)", eval_transform(spec)),
+        ("`aug=light` (crops of ≥ 70% of the area)", train_transform(compose(["aug=light"]).aug.train, spec, 0)),
+        ("`aug=heavy` (crops of ≥ 35% of the area)", train_transform(compose(["aug=heavy"]).aug.train, spec, 0)),
+    ):
+        scale, seconds, differences, noise = draft_scale(transform), {"full": 0.0, "draft": 0.0}, [], []
         for data in files:
-            started = time.perf_counter()
+            started = time.process_time()
             full = decode_image(io.BytesIO(data), 3)
-            full = cv2.resize(full, (224, 224), interpolation=cv2.INTER_AREA)
-            times["full"] += time.perf_counter() - started
-            started = time.perf_counter()
-            draft = decode_image(io.BytesIO(data), 3, at_least=lambda w, h, s=at_least: (s[1] / w, s[0] / h))
-            draft = cv2.resize(draft, (224, 224), interpolation=cv2.INTER_AREA)
-            times["draft"] += time.perf_counter() - started
-            differences.append(np.abs(full.astype(np.int16) - draft.astype(np.int16)))
-        spread = np.stack(differences)
+            seconds["full"] += time.process_time() - started
+            started = time.process_time()
+            drafted = decode_image(io.BytesIO(data), 3, scale)
+            seconds["draft"] += time.process_time() - started
+            if label.startswith("resize"):  # deterministic: what the model sees, both ways, against resampling noise
+                seen = [transform(image=image)["image"].numpy().astype(np.int16) for image in (full, drafted)]
+                differences.append(np.abs(seen[0] - seen[1]).mean())
+                linear, area = (cv2.resize(full, (224, 224), interpolation=i).astype(np.int16) for i in (1, 3))
+                noise.append(np.abs(linear - area).mean())
+        shown = f"{np.mean(differences):.2f} ({np.mean(noise):.2f})" if differences else "–"
         rows.append(
-            f"| {label} | {times['full'] / count * 1000:.1f} | {times['draft'] / count * 1000:.1f} | "
-            f"{times['full'] / times['draft']:.1f}× | {spread.mean():.2f} | {np.percentile(spread, 99.9):.0f} |"
+            f"| {label} | {drafted.shape[1]}×{drafted.shape[0]} | {seconds['full'] / count * 1000:.1f} | "
+            f"{seconds['draft'] / count * 1000:.1f} | {seconds['full'] / seconds['draft']:.1f}× | {shown} |"
         )
     return rows
 
@@ -168,8 +179,11 @@ def main() -> None:
         device = f"{result['device_ms']:.1f}" if result.get("device_ms") is not None else "–"
         print(f"| {label} | {result['wall']:.0f} | {result['cpu']:.0f} | {result['dtype']} | {device} |", flush=True)
     if not args.no_draft:
-        print("\n| 1600×1200 JPEG → 224×224 | full decode ms | draft decode ms | speed-up | mean diff | 99.9% diff |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(
+            "\n| 1600×1200 JPEG, 224×224 input | decoded at | full decode CPU ms | draft decode CPU ms | speed-up | "
+            "mean difference seen by the model, 0–255 (bilinear vs area resize of the full image) |"
+        )
+        print("|---|---|---:|---:|---:|---|")
         for line in draft_rows():
             print(line, flush=True)
 
