@@ -120,6 +120,7 @@ def photo(width: int, height: int, seed: int) -> bytes:
 
 
 def draft_rows(count: int = 30) -> list[str]:
+    import albumentations as A
     import cv2
 
     from pipeline.config import compose
@@ -131,7 +132,7 @@ def draft_rows(count: int = 30) -> list[str]:
     files = [photo(1600, 1200, seed) for seed in range(count)]
     rows = []
     for label, transform in (
-        ("resize to 224×224 (evaluation's transform, `aug=none`)", eval_transform(spec)),
+        ("`aug=none` (resize to 224×224)", eval_transform(spec)),  # the same steps as aug=none's
         ("`aug=light` (crops of ≥ 70% of the area)", train_transform(compose(["aug=light"]).aug.train, spec, 0)),
         ("`aug=heavy` (crops of ≥ 35% of the area)", train_transform(compose(["aug=heavy"]).aug.train, spec, 0)),
     ):
@@ -143,7 +144,7 @@ def draft_rows(count: int = 30) -> list[str]:
             started = time.process_time()
             drafted = decode_image(io.BytesIO(data), 3, scale)
             seconds["draft"] += time.process_time() - started
-            if label.startswith("resize"):  # deterministic: what the model sees, both ways, against resampling noise
+            if isinstance(transform.transforms[0], A.Resize):  # deterministic: the model's view both ways, and noise
                 seen = [transform(image=image)["image"].numpy().astype(np.int16) for image in (full, drafted)]
                 differences.append(np.abs(seen[0] - seen[1]).mean())
                 linear, area = (cv2.resize(full, (224, 224), interpolation=i).astype(np.int16) for i in (1, 3))
