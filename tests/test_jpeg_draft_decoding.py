@@ -101,3 +101,11 @@ def test_only_the_training_loader_drafts_and_the_config_can_turn_it_off(tmp_path
         )
         assert (module.train_dataloader().dataset.min_scale is not None) is draft
         assert module.val_dataloader().dataset.min_scale is None and module.test_dataloader().dataset.min_scale is None
+
+
+def test_the_draft_scale_travels_to_spawned_workers() -> None:
+    import pickle
+
+    for aug in ("none", "light", "heavy"):
+        scale = draft_scale(train_transform(compose([f"aug={aug}"]).aug.train, SPEC, seed=0))
+        assert pickle.loads(pickle.dumps(scale))(1600, 1200) == scale(1600, 1200)

@@ -12,8 +12,9 @@ Decoding makes one copy of the pixels, out of Pillow's storage into the array: t
 (and only when the file asks for one), an image already in RGB or L mode is not converted, and the array is NumPy's
 view of Pillow's bytes (read-only: the transforms make new arrays, they never write into their input).
 
-A JPEG may be decoded smaller: libjpeg scales by 1/2, 1/4 or 1/8 while it decodes (Pillow's `draft`), which skips
-most of the work for a large photo. `decode_image(..., min_scale=…)` allows it down to the scale that still leaves the
+A JPEG may be decoded smaller: libjpeg scales by 1/2, 1/4 or 1/8 while it decodes (Pillow's `draft`), which saves
+part of the work for a large photo (1.4–2.4× less CPU on 1600×1200 photos here: the entropy decoding still reads every
+byte). `decode_image(..., min_scale=…)` allows it down to the scale that still leaves the
 transforms at least the pixels they resample to the model's input (pipeline.data.transforms.draft_scale).
 """
 

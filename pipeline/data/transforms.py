@@ -185,6 +185,49 @@ def _whole(transform: Any) -> bool:
     return getattr(transform, "p", 1.0) >= 1.0  # a step that may be skipped leaves the next one the full image
 
 
+# The scales below are small classes rather than closures: a loader worker started by spawning (macOS, Windows)
+# receives its dataset pickled, and a closure does not pickle.
+
+
+@dataclass(frozen=True)
+class ResizeScale:
+    """A resize of the whole image to `width` × `height`: each side keeps at least the output's pixels."""
+
+    width: int
+    height: int
+
+    def __call__(self, width: int, height: int) -> float:
+        return max(self.width / width, self.height / height)
+
+
+@dataclass(frozen=True)
+class SideScale:
+    """A resize of the shortest (`shortest`) or longest side to `size`."""
+
+    size: int
+    shortest: bool
+
+    def __call__(self, width: int, height: int) -> float:
+        return self.size / (min(width, height) if self.shortest else max(width, height))
+
+
+@dataclass(frozen=True)
+class CropScale:
+    """A random crop of at least `area` of the image, of aspect ratio (width / height) `low` to `high`, resized to
+    `width` × `height`. A crop of area a and ratio r is sqrt(a·r) wide and sqrt(a/r) tall: narrowest at the lowest
+    ratio, shortest at the highest. The smallest crops must keep at least the output's pixels on both sides."""
+
+    width: int
+    height: int
+    area: float
+    low: float
+    high: float
+
+    def __call__(self, width: int, height: int) -> float:
+        least = self.area * width * height
+        return max(self.width / math.sqrt(least * self.low), self.height / math.sqrt(least / self.high))
+
+
 def draft_scale(transform: A.Compose) -> Callable[[int, int], float] | None:
     """For a pipeline built here, the smallest scale an image of (width, height) may be decoded at (see the module's
     docstring); None when its first step needs the image at full size."""
@@ -192,15 +235,10 @@ def draft_scale(transform: A.Compose) -> Callable[[int, int], float] | None:
     if not _whole(first):
         return None
     if isinstance(first, A.RandomResizedCrop):
-        (height, width), smallest, (low, high) = first.size, first.scale[0], first.ratio
-        # The smallest crop has `smallest` of the image's area a; a crop of aspect ratio r (width / height) is
-        # sqrt(a·r) wide and sqrt(a/r) tall: narrowest at the lowest ratio, shortest at the highest. Both must keep
-        # at least the output's pixels.
-        return lambda w, h: max(width / math.sqrt(smallest * w * h * low), height / math.sqrt(smallest * w * h / high))
+        (height, width), (low, high) = first.size, first.ratio
+        return CropScale(width, height, first.scale[0], low, high)
     if isinstance(first, A.Resize):
-        return lambda w, h: max(first.width / w, first.height / h)
-    if isinstance(first, A.SmallestMaxSize) and isinstance(first.max_size, int):
-        return lambda w, h: first.max_size / min(w, h)
-    if isinstance(first, A.LongestMaxSize) and isinstance(first.max_size, int):
-        return lambda w, h: first.max_size / max(w, h)
+        return ResizeScale(first.width, first.height)
+    if isinstance(first, A.SmallestMaxSize | A.LongestMaxSize) and isinstance(first.max_size, int):
+        return SideScale(first.max_size, shortest=isinstance(first, A.SmallestMaxSize))
     return None
