@@ -21,7 +21,7 @@ def available_cpus() -> int:
 
 def loader_workers() -> int:
     """Every CPU but one, which is left to the training loop in the main process. No cap: decoding and augmenting
-    224-px photos takes one core per 300–600 images/s (benchmarks/RESULTS.md), so a GPU that trains at thousands of
+    224-px photos takes one core per 350–650 images/s (benchmarks/RESULTS.md), so a GPU that trains at thousands of
     images a second needs every core the machine has."""
     return max(0, available_cpus() - 1)
 
