@@ -117,7 +117,14 @@ class ImageClassifier(L.LightningModule):
         """A batch as the loader gives it, on the training device → the network's input: uint8 → normalised float
         (channels-last when set), before Mixup. Done in the steps rather than in Lightning's on_after_batch_transfer:
         Lightning warns at every run when a LightningModule overrides that hook and a DataModule is given."""
-        return images if self.normalize is None else self.normalize(images)
+        if self.normalize is not None:
+            return self.normalize(images)
+        if images.dtype == torch.uint8:
+            raise TypeError(
+                "ImageClassifier got a uint8 batch and no normalize: the loaders hand over uint8 images; build it with "
+                "normalize=pipeline.data.normalize.Normalize(spec.mean, spec.std)"
+            )
+        return images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

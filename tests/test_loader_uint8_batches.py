@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -48,6 +49,8 @@ def test_batches_are_uint8_and_the_module_normalises_them_on_its_device() -> Non
         assert prepared.is_contiguous(memory_format=torch.channels_last) is channels_last
         assert module.prepare(prepared) is prepared, "a float batch is left alone"
     assert "normalize.scale" not in module.state_dict(), "checkpoints hold the network's weights only"
+    with pytest.raises(TypeError, match="uint8 batch and no normalize"):
+        ImageClassifier(nn.Identity(), 2, optimizer=None, scheduler=None).prepare(images)
 
 
 class Threads(Dataset):
