@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import compose
 from pipeline.data.datamodule import TransformedImages
+from pipeline.data.normalize import Normalize
 from pipeline.run import build_data, build_inputs, run
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time, the CPU time of the whole process (every thread)
@@ -69,6 +70,7 @@ def bare_epochs(overrides: Sequence[str], epochs: int) -> list[float]:
         inputs = build_inputs(cfg)
         data = build_data(cfg, inputs.splits, inputs.spec)
         model = inputs.model
+        normalize = Normalize(inputs.spec.mean, inputs.spec.std)  # the loaders hand over uint8, as in training
         train = DataLoader(TransformedImages(inputs.splits.train, data.train_transform), cfg.data.batch_size, True)
         val = DataLoader(TransformedImages(inputs.splits.val, data.eval_transform), cfg.data.batch_size)
         optimizer = torch.optim.SGD(
@@ -83,7 +85,7 @@ def bare_epochs(overrides: Sequence[str], epochs: int) -> list[float]:
             total_loss, correct, seen = 0.0, 0, 0
             for images, labels in train:
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(images)
+                logits = model(normalize(images))
                 loss = criterion(logits, labels)
                 loss.backward()
                 optimizer.step()
@@ -93,7 +95,7 @@ def bare_epochs(overrides: Sequence[str], epochs: int) -> list[float]:
                 seen += len(labels)
             model.eval()
             with torch.no_grad():
-                val_correct = sum(int((model(images).argmax(1) == labels).sum()) for images, labels in val)
+                val_correct = sum(int((model(normalize(images)).argmax(1) == labels).sum()) for images, labels in val)
             seconds.append(CLOCK() - start)
             del val_correct
         return seconds[1:]

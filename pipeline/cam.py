@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.data.images import LabelledImages
+from pipeline.data.normalize import Normalize
 from pipeline.data.transforms import InputSpec, eval_transform
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,10 @@ def _draw(
     samples = [images[i] for i in indices]
     batch = torch.stack([transform(image=np.ascontiguousarray(image))["image"] for image, _ in samples])
     device = next(model.parameters()).device
-    heat, logits = grad_cam(model, batch.to(device))
+    heat, logits = grad_cam(model, Normalize(spec.mean, spec.std).to(device)(batch.to(device)))
     predicted = logits.argmax(1).tolist()
-    # Undo the normalisation to show the image the model was given (resized and cropped like the test images).
-    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
-    shown = (batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    # The image the model was given, before its normalisation (resized and cropped like the test images).
+    shown = (batch.float() / 255).permute(0, 2, 3, 1).numpy()
 
     columns = min(4, len(indices))
     rows = -(-len(indices) // columns)

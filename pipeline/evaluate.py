@@ -154,16 +154,24 @@ def run_test(cfg: DictConfig, source: Any, model: Any, images: Any, data: DictCo
     from torch.utils.data import DataLoader
 
     from pipeline.data.datamodule import TransformedImages
+    from pipeline.data.normalize import Normalize
     from pipeline.data.transforms import eval_transform
     from pipeline.module import ImageClassifier
     from pipeline.source import input_spec
 
+    spec = input_spec(source, model)
     loader = DataLoader(
-        TransformedImages(images, eval_transform(input_spec(source, model))),
+        TransformedImages(images, eval_transform(spec)),
         batch_size=int(cfg.batch_size or data.batch_size),
         num_workers=int(data.get("num_workers") or 0),
     )
-    module = ImageClassifier(model, num_classes=len(source.classes), optimizer=_no_training, scheduler=_no_training)
+    module = ImageClassifier(
+        model,
+        num_classes=len(source.classes),
+        optimizer=_no_training,
+        scheduler=_no_training,
+        normalize=Normalize(spec.mean, spec.std),
+    )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = trainer_args.get("precision") or source.config.get("trainer", {}).get(
         "precision", "32-true"

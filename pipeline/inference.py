@@ -1,11 +1,11 @@
 """From images to class probabilities: the one path that `pipeline.predict` and the served MLflow model share.
 
 No Lightning and no MLflow: the network in eval mode, the run's evaluation transform (resize or resize + centre crop,
-normalization) and a softmax. An image is a file path or the bytes of an image file (PNG, JPEG, anything Pillow
-reads); it is decoded exactly as training decoded its files (pipeline.data.decode: EXIF orientation, alpha on white,
-the run's channel count). Images go through the network in batches of `batch_size` in the order given, leaving out
-the ones that could not be decoded, so the same images in the same order give the same numbers to the last bit
-wherever they are classified.
+to uint8), the normalisation training used on its device (pipeline.data.normalize) and a softmax. An image is a file
+path or the bytes of an image file (PNG, JPEG, anything Pillow reads); it is decoded exactly as training decoded its
+validation and test files (pipeline.data.decode: in full, EXIF orientation, alpha on white, the run's channel count).
+Images go through the network in batches of `batch_size` in the order given, leaving out the ones that could not be
+decoded, so the same images in the same order give the same numbers to the last bit wherever they are classified.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.data.decode import decode_image
+from pipeline.data.normalize import Normalize
 from pipeline.data.transforms import InputSpec, eval_transform
 
 ImageInput = str | Path | bytes  # a file, or the encoded bytes of one
@@ -79,6 +80,7 @@ class Classifier:
         self.device = torch.device(device)
         self.network = network.eval().to(self.device)
         self.transform = eval_transform(spec)
+        self.normalize = Normalize(spec.mean, spec.std).to(self.device)
         self.classes = list(classes)
         self.channels = channels
 
@@ -108,7 +110,7 @@ class Classifier:
     def probabilities(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         """Softmax of the network's outputs for a batch of prepared images: (N, classes), float32 on the CPU."""
         with torch.inference_mode():
-            output = self.network(torch.stack(list(batch)).to(self.device))
+            output = self.network(self.normalize(torch.stack(list(batch)).to(self.device)))
             return torch.softmax(output.float(), dim=1).cpu()
 
     def classify(self, images: Iterable[ImageInput], batch_size: int = 64) -> list[Outcome]:

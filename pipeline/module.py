@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -17,6 +18,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from pipeline.data.workers import rank_seed
 from pipeline.distributed import effective_batch_size
 from pipeline.ema import WEIGHTS_KEY
 from pipeline.errors import TrainingDiverged, UserInputError
@@ -41,6 +43,16 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
         ) from error
 
 
+def mix_as_rank(rank: int) -> None:
+    """Make the Mixup/CutMix draws of data-parallel rank `rank` its own. timm's Mixup draws from NumPy's global
+    generator, seeded alike on every rank (and restored from the first process's checkpoint on resume), so every rank
+    would mix its batch with the same λ and boxes. Rank 0 keeps the stream as it is (a single process draws what it
+    always drew); every other rank reseeds it from one draw of it mixed with its rank: distinct, and reproducible
+    from `seed`. Called at the start of training, after the random state of a checkpoint is restored."""
+    if rank:
+        np.random.seed(rank_seed(int(np.random.randint(2**32, dtype=np.int64)), rank))
+
+
 class ImageClassifier(L.LightningModule):
     def __init__(
         self,
@@ -59,6 +71,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
         grouping: ParameterGroups | None = None,
         grad_checkpointing: bool = False,
+        normalize: nn.Module | None = None,
     ) -> None:
         """`mixup` (timm's, or None) mixes every training batch until epoch `mixup_off_epoch` (None: to the end);
         with it the training loss is soft-target cross-entropy. `lr_base` (None: the optimizer's lr as is) is the
@@ -66,9 +79,12 @@ class ImageClassifier(L.LightningModule):
         `channels_last` and `compile` (torch.compile, in place) are applied to the model at set-up. `grouping`
         makes the optimizer's parameter groups (weight decay, layer decay; None: one group), and
         `backbone_lr_factor` scales the backbone's part of each. `grad_checkpointing` turns on the model's own
-        (timm's set_grad_checkpointing) here, so a model without it fails before anything trains."""
+        (timm's set_grad_checkpointing) here, so a model without it fails before anything trains. `normalize` turns the
+        loader's uint8 batches into the network's input once they are on the device (pipeline.data.normalize; None:
+        batches are used as they come)."""
         super().__init__()
         self.model = model
+        self.normalize = normalize
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -97,6 +113,19 @@ class ImageClassifier(L.LightningModule):
             self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
             self.compiled = True
 
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch as the loader gives it, on the training device → the network's input: uint8 → normalised float
+        (channels-last when set), before Mixup. Done in the steps rather than in Lightning's on_after_batch_transfer:
+        Lightning warns at every run when a LightningModule overrides that hook and a DataModule is given."""
+        if self.normalize is not None:
+            return self.normalize(images)
+        if images.dtype == torch.uint8:
+            raise TypeError(
+                "ImageClassifier got a uint8 batch and no normalize: the loaders hand over uint8 images; build it with "
+                "normalize=pipeline.data.normalize.Normalize(spec.mean, spec.std)"
+            )
+        return images
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -112,6 +141,7 @@ class ImageClassifier(L.LightningModule):
         """Loss against `targets` (default: the labels) with `criterion` (default: cross-entropy); metrics against
         the labels, so mixed training batches are still scored on what their images originally were."""
         images, labels = batch
+        images = self.prepare(images)  # a batch already prepared (training_step's, mixed) passes unchanged
         criterion = criterion or self.criterion
         targets = labels if targets is None else targets
         output = self(images)
@@ -136,6 +166,7 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        images = self.prepare(images)
         targets = None
         if self.mixup is not None:
             off = self.mixup_off_epoch is not None and self.current_epoch >= self.mixup_off_epoch
@@ -148,6 +179,8 @@ class ImageClassifier(L.LightningModule):
     def on_train_start(self) -> None:
         # Here, not at each epoch's start: a run resumed mid-epoch skips on_train_epoch_start.
         self._nonfinite_steps = torch.zeros((), dtype=torch.int32, device=self.device)
+        if self.mixup is not None:
+            mix_as_rank(self.global_rank)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The epoch's training values are logged with its last batch, not in on_train_epoch_end: Lightning calls

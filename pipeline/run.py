@@ -26,6 +26,7 @@ from pipeline.cli import progress_bar
 from pipeline.config import ConfigError, check_arguments, validate
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.images import ImageSplits
+from pipeline.data.normalize import Normalize
 from pipeline.data.preview import save_augmentation_grid
 from pipeline.data.shard_stream import ShardDataModule
 from pipeline.data.shards import ShardSet
@@ -199,6 +200,7 @@ def build_data(cfg: DictConfig, splits: ImageSplits, spec: InputSpec) -> ImageDa
         persistent_workers=cfg.data.persistent_workers,
         prefetch_factor=cfg.data.prefetch_factor,
         drop_last=mixup_enabled(cfg.get("mixup")),  # timm's Mixup needs an even batch
+        draft=bool(cfg.data.get("draft", False)),
     )
 
 
@@ -328,6 +330,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         channels_last=OmegaConf.select(cfg, "perf.channels_last", default=False),
         compile=OmegaConf.select(cfg, "perf.compile", default=False),
         grad_checkpointing=OmegaConf.select(cfg, "perf.grad_checkpointing", default=False),
+        normalize=Normalize(spec.mean, spec.std, OmegaConf.select(cfg, "perf.channels_last", default=False)),
     )
     if cfg.resume is not None:
         resume.check_fits(module, cfg.resume)  # before anything is written into the run's folder

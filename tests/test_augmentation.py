@@ -38,10 +38,12 @@ def test_every_option_runs_and_keeps_labels_aligned(
 ) -> None:
     entries = compose_in(root, [f"aug={aug}"]).aug.train
     data = images(12, channels, source)
+    data.images.setflags(write=False)  # as decoded files are (NumPy's view of Pillow's bytes): no step may write
     dataset = TransformedImages(data, train_transform(entries, spec(channels, target), seed=0))
     for index in range(len(data)):
         tensor, label = dataset[index]
-        assert tensor.shape == (channels, *target) and tensor.dtype == torch.float32
+        # uint8 out of the loader: normalised on the training device
+        assert tensor.shape == (channels, *target) and tensor.dtype == torch.uint8
         assert label == data.labels[index]
 
 
@@ -97,3 +99,19 @@ def test_preview_cli_writes_a_real_png(root: Path) -> None:
     with Image.open(path) as picture:
         assert picture.format == "PNG"
         assert picture.width >= 5 * 96 and picture.height >= 3 * 96  # 1 + 4 tiles per row, 3 rows
+
+
+@pytest.mark.parametrize("alpha", [0.1, 3.0], ids=["heavy's", "large"])
+def test_our_fancy_pca_draws_and_outputs_what_albumentations_does(alpha: float) -> None:
+    import albumentations as A
+
+    from pipeline.data.augmentations import FancyPCA
+
+    assert isinstance(build_transforms({"FancyPCA": {"alpha": alpha}}, spec(3))[0], FancyPCA)
+    rng = np.random.default_rng(1)
+    for channels in (3, 1):
+        smooth = rng.integers(0, 256, (8, 8, channels), dtype=np.uint8).repeat(8, axis=0).repeat(8, axis=1)
+        ours, theirs = (A.Compose([kind(alpha=alpha, p=1.0)], seed=3) for kind in (FancyPCA, A.FancyPCA))
+        for _ in range(4):  # the same draws from the same seed, and the same image to within one level of 255
+            difference = ours(image=smooth)["image"].astype(int) - theirs(image=smooth)["image"].astype(int)
+            assert np.abs(difference).max() <= 1

@@ -167,3 +167,38 @@ def test_the_first_scan_holds_a_bounded_number_of_files_in_flight() -> None:
     taken = list(itertools.islice(bounded_map(lambda item: item * 2, drawn, threads=2), 5))
     assert taken == [0, 2, 4, 6, 8], "in order"
     assert next(drawn) <= 2 * IN_FLIGHT_PER_THREAD + 5, "an endless listing is read only as far as the window"
+
+
+def digests(root: Path, cache: Path | None) -> tuple[dict[str, str], int]:
+    """The dataset digests of the folder's three splits, and how many files were read to make them."""
+    from pipeline.data.contents import FileHashes
+    from pipeline.tracking.datasets import digest
+
+    splits = load_image_folder(root, cache_dir=cache)
+    with FileHashes(cache) as hashes:
+        found = {split: digest(getattr(splits, split), splits.classes, hashes) for split in ("train", "val", "test")}
+    return found, hashes.read
+
+
+def test_the_dataset_digest_reads_each_file_once_and_follows_a_changed_file(tmp_path: Path) -> None:
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    paths = write_photos(root)
+    first, read = digests(root, cache)
+    assert read == len(paths)
+    assert digests(root, None)[0] == first, "the digest is of the contents alone: the same with or without a cache"
+    # The proof that the second run reads no file: bytes changed behind the cache's back (same size and time) leave
+    # the digest as it was.
+    garbled = paths[2]  # a PNG: its scan result is remembered too, so loading passes
+    original = garbled.read_bytes()
+    rewrite_keeping_stat(garbled, original[:-1] + bytes([original[-1] ^ 1]))
+    assert digests(root, cache) == (first, 0)
+    # A file that really changed (its time moves) is read again, and changes the digest of its split.
+    garbled.write_bytes(original)
+    os.utime(garbled, ns=(garbled.stat().st_atime_ns, garbled.stat().st_mtime_ns + 1_000_000_000))
+    assert digests(root, cache) == (first, 1), "the same bytes again: read once more, the same digest"
+    changed = paths[5]
+    Image.new("RGB", (SIDE, SIDE), "white").save(changed, format="PNG")
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 2_000_000_000))
+    after, read = digests(root, cache)
+    assert read == 1
+    assert sum(after[split] != first[split] for split in after) == 1, "exactly the split holding the file changed"

@@ -128,3 +128,25 @@ def test_two_ddp_ranks_transform_the_same_images_differently(root: Path, workers
     )  # fmt: skip
     first, second = ((digests / f"rank{rank}.txt").read_text().split()[0] for rank in (0, 1))
     assert first != second, "the two ranks augmented the same pixels the same way"
+
+
+def mixup_draws(seed: int, rank: int | None) -> list[tuple[float, bool]]:
+    """The λ and the CutMix switch of five batches, from NumPy's generator seeded with `seed` (as seed_everything does
+    on every rank), made rank `rank`'s own (None: left as it is)."""
+    from timm.data import Mixup
+
+    from pipeline.module import mix_as_rank
+
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, num_classes=10)
+    np.random.seed(seed)
+    if rank is not None:
+        mix_as_rank(rank)
+    return [mixup._params_per_batch() for _ in range(5)]
+
+
+def test_mixup_draws_its_own_stream_on_every_rank_reproducibly() -> None:
+    assert mixup_draws(7, 0) == mixup_draws(7, None), "rank 0 draws what a single process always drew"
+    assert mixup_draws(7, 1) == mixup_draws(7, 1) and mixup_draws(7, 2) == mixup_draws(7, 2)
+    firsts = {draws[0] for draws in (mixup_draws(7, 0), mixup_draws(7, 1), mixup_draws(7, 2))}
+    assert len(firsts) == 3, "three ranks mix their batches with three different λ"
+    assert mixup_draws(8, 1) != mixup_draws(7, 1), "and the seed still decides"

@@ -16,6 +16,7 @@ from timm.layers import DropPath
 
 import pipeline.models  # noqa: F401  (registers the models)
 from pipeline.config import CONF_DIR
+from pipeline.data.normalize import Normalize
 from pipeline.ema import ema_decay
 from pipeline.models.factory import create_model
 from pipeline.module import ImageClassifier
@@ -171,7 +172,13 @@ def test_ema_weights_are_checkpointed_and_are_what_is_tested(recipe_run: tuple[P
     cfg = compose_in(root, RECIPE)
     inputs = build_inputs(cfg)
     datamodule = build_data(cfg, inputs.splits, inputs.spec)
-    module = ImageClassifier(inputs.model, CLASSES, optimizer_factory(cfg.optim), instantiate(cfg.scheduler))
+    module = ImageClassifier(
+        inputs.model,
+        CLASSES,
+        optimizer_factory(cfg.optim),
+        instantiate(cfg.scheduler),
+        normalize=Normalize(inputs.spec.mean, inputs.spec.std),
+    )
     tester = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 
     def test_loss(state: dict[str, torch.Tensor]) -> float:

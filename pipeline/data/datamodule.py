@@ -1,5 +1,14 @@
 """The LightningDataModule: image splits + transforms → DataLoaders.
 
+The loaders yield uint8 batches (pipeline.data.transforms); the LightningModule normalises them on the training device
+(pipeline.data.normalize). Each loader worker runs torch and OpenCV on one thread: the workers are the parallelism,
+and a thread pool per worker on shared cores only adds contention. With no workers (num_workers=0) the main process
+augments, and OpenCV runs on one thread there too (torch keeps its threads: they train).
+
+Training images that are JPEGs are decoded at a reduced scale where the augmentation allows it (data.draft: see
+pipeline.data.transforms.draft_scale); validation and test images are decoded in full, as pipeline.predict and the
+served model decode them, so every evaluation computes the same numbers.
+
 Every data-parallel rank draws its own augmentations. The seed is the same on every rank (so the networks start
 alike), and the ranks' loaders and Albumentations pipelines would all replay one stream: the rank is mixed into the
 train transform's seed and each loader worker's seed (pipeline.data.workers.rank_seed). Rank 0 keeps the streams of
@@ -13,31 +22,40 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data.decode import MinScale
 from pipeline.data.errors import DataError
-from pipeline.data.images import ImageSplits, LabelledImages
+from pipeline.data.images import ImageSplits, LabelledImages, read
+from pipeline.data.transforms import draft_scale
 from pipeline.data.workers import rank_seed
 
 
 class TransformedImages(Dataset):
-    def __init__(self, images: LabelledImages, transform: Callable[..., dict[str, Any]]) -> None:
+    """`images` through `transform`; image files decoded smaller where `min_scale` allows (None: in full)."""
+
+    def __init__(
+        self, images: LabelledImages, transform: Callable[..., dict[str, Any]], min_scale: MinScale | None = None
+    ) -> None:
         self.images = images
         self.transform = transform
+        self.min_scale = min_scale
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.images[index]
+        image, label = read(self.images, index, self.min_scale)
         return self.transform(image=np.ascontiguousarray(image))["image"], label
 
 
 def seed_worker(worker_id: int, rank: int = 0) -> None:
-    """Give each loader worker its own augmentation stream, distinct on every data-parallel `rank`.
+    """Run each loader worker on one thread (torch and OpenCV), and give it its own augmentation stream, distinct on
+    every data-parallel `rank`.
 
     Albumentations keeps a random state inside each Compose, untouched by global seeding; every worker
     would otherwise replay the main process's copy, so all workers (and every epoch, when workers are
@@ -45,6 +63,7 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     epoch and derives from the main process's seeded generator, so runs stay reproducible; that generator
     is seeded alike on every rank, so the rank is mixed in (on rank 0 the seed is PyTorch's own).
     """
+    torch.set_num_threads(1)  # OpenCV's one thread comes from the main process (see ImageDataModule._loader)
     info = torch.utils.data.get_worker_info()
     seed = rank_seed(info.seed % 2**32, rank)
     random.seed(seed)
@@ -77,8 +96,10 @@ class ImageDataModule(L.LightningDataModule):
         persistent_workers: bool,
         prefetch_factor: int | None,
         drop_last: bool = False,
+        draft: bool = False,
     ) -> None:
-        """`drop_last`: leave out the last, smaller training batch of each epoch (Mixup needs even batches)."""
+        """`drop_last`: leave out the last, smaller training batch of each epoch (Mixup needs even batches). `draft`:
+        decode training JPEGs at a reduced scale where the train transform allows it (see the module's docstring)."""
         super().__init__()
         if len(splits.train) < batch_size:
             # Not one full batch per epoch: batch statistics are noise and BatchNorm fails on a batch of one.
@@ -92,6 +113,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_transform = eval_transform
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.draft = draft
         self.seeded_rank: int | None = None  # the rank whose stream the train transform draws, once set up
         self.loader_options: dict[str, Any] = {
             "num_workers": num_workers,
@@ -123,8 +145,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, images: LabelledImages, transform: Callable[..., dict[str, Any]], train: bool) -> DataLoader:
         workers = self.loader_options["num_workers"] > 0
+        # One OpenCV thread, set here in the main process: forked workers inherit it, and the main process runs
+        # OpenCV only to augment when there are no workers. Not in the workers themselves: OpenCV changing its thread
+        # count in a forked child waits forever on its pool's locks, copied from the parent mid-use.
+        cv2.setNumThreads(1)
+        min_scale = draft_scale(transform) if train and self.draft and hasattr(transform, "transforms") else None
         return DataLoader(
-            TransformedImages(images, transform),
+            TransformedImages(images, transform, min_scale),
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train and self.drop_last,

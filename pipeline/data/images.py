@@ -12,12 +12,12 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from pipeline.data.decode import CHANNEL_COUNTS, decode_image
+from pipeline.data.contents import FileHashes
+from pipeline.data.decode import CHANNEL_COUNTS, MinScale, decode_image
 from pipeline.data.errors import DataError
 
 # A file name that is not valid UTF-8 reaches Python with each undecodable byte as a lone surrogate (PEP 383): the
@@ -105,9 +105,13 @@ class ImageFileSet:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.read(index)
+
+    def read(self, index: int, min_scale: MinScale | None = None) -> tuple[np.ndarray, int]:
+        """Item `index`, a JPEG decoded smaller where `min_scale` allows (see pipeline.data.decode)."""
         path = stored_path(str(self.paths[index]))
         try:
-            image = decode_image(path, self.channels)
+            image = decode_image(path, self.channels, min_scale)
         except Exception as error:  # the load-time scan passed it: the file changed since, or the disk failed
             raise DataError(
                 f"{printable(path)}: could not be decoded ({type(error).__name__}: {error}). It was readable when the "
@@ -134,6 +138,17 @@ class ImageSubset:
     @property
     def channels(self) -> int:
         return self.base.channels
+
+
+def read(part: LabelledImages, index: int, min_scale: MinScale | None = None) -> tuple[np.ndarray, int]:
+    """`part[index]`, with image files decoded smaller where `min_scale` allows (JPEG draft decoding); images held in
+    memory are returned as they are."""
+    if isinstance(part, ImageSubset):
+        image, _ = read(part.base, int(part.indices[index]), min_scale)
+        return image, int(part.labels[index])
+    if isinstance(part, ImageFileSet):
+        return part.read(index, min_scale)
+    return part[index]
 
 
 @dataclass(frozen=True)
@@ -201,27 +216,31 @@ class ImageSplits:
         }
 
 
-CHUNK_IMAGES = 4096  # in-memory images hashed per call: a bounded copy of a set that may be large
+CHUNK_IMAGES = 4096  # images hashed per call: a bounded copy of a set that may be large
 
 
-def content_chunks(part: LabelledImages, indices: np.ndarray | None = None) -> Iterator[bytes | np.ndarray]:
+def content_chunks(
+    part: LabelledImages, indices: np.ndarray | None = None, hashes: FileHashes | None = None
+) -> Iterator[bytes | np.ndarray]:
     """The contents of the images of `part` (at `indices`, default all), in order, as byte chunks for a fingerprint:
-    the pixels of images held in memory (with their shape), the bytes of image files as stored. A subset yields its
-    base's images at its indices, so the same images in the same order give the same chunks however they were cut."""
+    the pixels of images held in memory (with their shape), the MD5 of each image file's bytes as stored (from
+    `hashes`, which remembers them between runs; None: each file is read). A subset yields its base's images at its
+    indices, so the same images in the same order give the same chunks however they were cut."""
     if indices is None and hasattr(part, "content_chunks"):  # a set that fingerprints itself (shards: their checksums)
         yield from part.content_chunks()
         return
     indices = np.arange(len(part)) if indices is None else indices
     if isinstance(part, ImageSubset):
-        yield from content_chunks(part.base, part.indices[indices])
+        yield from content_chunks(part.base, part.indices[indices], hashes)
     elif isinstance(part, ImageSet):
         yield np.asarray(part.images.shape[1:], dtype=np.int64)
         for start in range(0, len(indices), CHUNK_IMAGES):
             yield np.ascontiguousarray(part.images[indices[start : start + CHUNK_IMAGES]])
     elif isinstance(part, ImageFileSet):
-        for index in indices:
-            data = Path(stored_path(str(part.paths[index]))).read_bytes()
-            yield np.int64(len(data)).tobytes() + data  # the length keeps file boundaries part of the fingerprint
+        hash_files = hashes or FileHashes()
+        for start in range(0, len(indices), CHUNK_IMAGES):
+            chunk = indices[start : start + CHUNK_IMAGES]
+            yield b"".join(hash_files([stored_path(str(part.paths[index])) for index in chunk]))
     else:  # any other LabelledImages: its decoded pixels
         for index in indices:
             image = np.ascontiguousarray(part[int(index)][0])

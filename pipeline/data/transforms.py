@@ -11,26 +11,40 @@ An augmentation is declared in YAML as an ordered mapping of transform name → 
         transforms: {ElasticTransform: {}, GridDistortion: {}}
 
 A value of null switches an entry off (`aug.train.HorizontalFlip=null`). Every pipeline ends with the
-same deterministic tail: resize to the model's input size, normalize, convert to a CHW tensor.
+same deterministic tail: resize to the model's input size, convert to a uint8 CHW tensor. Batches cross from the
+loader workers as uint8 (a quarter of float32's bytes, and collated 5× faster); they are converted to float and
+normalised on the training device (pipeline.data.normalize).
+
+JPEG draft decoding (`draft_scale`): when the pipeline starts by resampling the whole image to a size of its own —
+RandomResizedCrop, Resize, SmallestMaxSize, LongestMaxSize, or nothing before the tail's Resize — a large JPEG may be
+decoded at 1/2, 1/4 or 1/8 of its size, as long as what that first step takes still has at least as many pixels as
+it resamples to. The model then sees the same image but for resampling noise (tests/test_data_decoding.py). Any other
+first step (a crop of fixed pixels, a blur of a pixel radius, …) sees the image at full size.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
 import cv2
 
+from pipeline.data.augmentations import FASTER
 from pipeline.errors import UserInputError
 
 SIZE_KEYS = ("size", "height", "width")
 # Colour transforms on grayscale images apply what they can (brightness) and warn about the rest on every call.
 warnings.filterwarnings("ignore", message=".*not applicable to grayscale", category=UserWarning)
+# A decoded image is NumPy's read-only view of Pillow's bytes (pipeline.data.decode: one copy, not two). When no step
+# resamples it (already at the input size), ToTensorV2 wraps that view: the tensor is only read (collated into a new
+# batch), so PyTorch's warning about tensors over read-only arrays does not apply.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 
 
@@ -85,7 +99,8 @@ def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
 
 
 def transform_class(name: str, where: str) -> type[A.BasicTransform] | type[A.BaseCompose]:
-    cls = getattr(A, name, None)
+    """Albumentations' class `name`, or our faster equivalent of it (pipeline.data.augmentations)."""
+    cls = FASTER.get(name) or getattr(A, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
         known = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and n[0].isupper()]
         hint = difflib.get_close_matches(name, known, n=3)
@@ -142,11 +157,8 @@ def build_transforms(entries: Mapping[str, Any] | None, spec: InputSpec, where: 
 
 
 def _finish(spec: InputSpec) -> list[Any]:
-    return [
-        A.Resize(*spec.size, interpolation=INTERPOLATIONS[spec.interpolation]),
-        A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
-        A.ToTensorV2(),
-    ]
+    """Resize to the input size and hand over uint8 CHW: normalisation happens on the training device."""
+    return [A.Resize(*spec.size, interpolation=INTERPOLATIONS[spec.interpolation]), A.ToTensorV2()]
 
 
 def train_transform(entries: Mapping[str, Any] | None, spec: InputSpec, seed: int | None) -> A.Compose:
@@ -167,3 +179,66 @@ def eval_transform(spec: InputSpec) -> A.Compose:
             A.CenterCrop(*spec.size),
         ]
     return A.Compose([*steps, *_finish(spec)])
+
+
+def _whole(transform: Any) -> bool:
+    return getattr(transform, "p", 1.0) >= 1.0  # a step that may be skipped leaves the next one the full image
+
+
+# The scales below are small classes rather than closures: a loader worker started by spawning (macOS, Windows)
+# receives its dataset pickled, and a closure does not pickle.
+
+
+@dataclass(frozen=True)
+class ResizeScale:
+    """A resize of the whole image to `width` × `height`: each side keeps at least the output's pixels."""
+
+    width: int
+    height: int
+
+    def __call__(self, width: int, height: int) -> float:
+        return max(self.width / width, self.height / height)
+
+
+@dataclass(frozen=True)
+class SideScale:
+    """A resize of the shortest (`shortest`) or longest side to `size`."""
+
+    size: int
+    shortest: bool
+
+    def __call__(self, width: int, height: int) -> float:
+        return self.size / (min(width, height) if self.shortest else max(width, height))
+
+
+@dataclass(frozen=True)
+class CropScale:
+    """A random crop of at least `area` of the image, of aspect ratio (width / height) `low` to `high`, resized to
+    `width` × `height`. A crop of area a and ratio r is sqrt(a·r) wide and sqrt(a/r) tall: narrowest at the lowest
+    ratio, shortest at the highest. The smallest crops must keep at least the output's pixels on both sides."""
+
+    width: int
+    height: int
+    area: float
+    low: float
+    high: float
+
+    def __call__(self, width: int, height: int) -> float:
+        least = self.area * width * height
+        return max(self.width / math.sqrt(least * self.low), self.height / math.sqrt(least / self.high))
+
+
+def draft_scale(transform: A.Compose) -> Callable[[int, int], float] | None:
+    """For a pipeline built here, the smallest scale an image of (width, height) may be decoded at (see the module's
+    docstring); None when its first step needs the image at full size."""
+    first = transform.transforms[0] if transform.transforms else None
+    if not _whole(first):
+        return None
+    if isinstance(first, A.RandomResizedCrop):
+        (height, width), (low, high) = first.size, first.ratio
+        return CropScale(width, height, first.scale[0], low, high)
+    if isinstance(first, A.Resize):
+        return ResizeScale(first.width, first.height)
+    if isinstance(first, A.SmallestMaxSize | A.LongestMaxSize) and isinstance(first.max_size, int):
+        return SideScale(first.max_size, shortest=isinstance(first, A.SmallestMaxSize))
+    return None

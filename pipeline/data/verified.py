@@ -7,6 +7,10 @@ was verified (its size read, its header verified, or its pixels decoded), or the
 data.max_image_pixels needs no new check, and a file verified only by its header is decoded when data.verify=full
 asks for more.
 
+A second table holds each file's content hash (MD5 of its bytes) under the same key, so the run's dataset digest
+(pipeline.tracking.datasets) reads a file once, not at every start: a changed file has no matching row and is read
+and hashed again.
+
 SQLite's write-ahead log lets runs started together (sweep trials, data-parallel ranks, several trainings) read and
 write the same database: each writes its rows in short transactions, and a run that finds the database locked waits
 for it. It must be on a local disk (the log needs shared memory, which network filesystems do not give); a database
@@ -24,7 +28,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 DATABASE = "verified.sqlite3"
-SCHEMA_VERSION = 2  # SQLite's user_version: a database of another layout is started afresh
+SCHEMA_VERSION = 3  # SQLite's user_version: a database of another layout is started afresh
 LOOKUP_BATCH = 900  # paths per query: below SQLite's limit of host parameters on older builds (999)
 BUSY_TIMEOUT_MS = 60_000  # how long a run waits for another's write to finish
 
@@ -83,10 +87,15 @@ class VerifiedFiles:
             if connection.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 with _transaction(connection):
                     connection.execute("DROP TABLE IF EXISTS files")
+                    connection.execute("DROP TABLE IF EXISTS contents")
                     connection.execute(
                         "CREATE TABLE files (path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
                         " level INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, error TEXT)"
                         " WITHOUT ROWID"
+                    )
+                    connection.execute(
+                        "CREATE TABLE contents (path BLOB PRIMARY KEY, size INTEGER NOT NULL,"
+                        " mtime_ns INTEGER NOT NULL, md5 BLOB NOT NULL) WITHOUT ROWID"
                     )
                     connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as error:
@@ -99,20 +108,35 @@ class VerifiedFiles:
             return None
         return cls(connection, path)
 
-    def lookup(self, keys: Sequence[Key]) -> Iterator[Facts | None]:
-        """The remembered facts of each key, in order; None for a file never checked in this version."""
+    def _rows(self, table: str, columns: str, keys: Sequence[Key]) -> Iterator[tuple | None]:
+        """The `columns` of `table` remembered for each key, in order; None for a file not seen in this version."""
         for start in range(0, len(keys), LOOKUP_BATCH):
             batch = keys[start : start + LOOKUP_BATCH]
             marks = ",".join("?" * len(batch))
             rows = self.connection.execute(
-                f"SELECT path, size, mtime_ns, level, width, height, error FROM files WHERE path IN ({marks})",
+                f"SELECT path, size, mtime_ns, {columns} FROM {table} WHERE path IN ({marks})",
                 [os.fsencode(key.path) for key in batch],
             ).fetchall()
             found = {row[0]: row for row in rows}
             for key in batch:
                 row = found.get(os.fsencode(key.path))
                 matches = row is not None and row[1] == key.size and row[2] == key.mtime_ns
-                yield Facts(*row[3:]) if matches else None
+                yield row[3:] if matches else None
+
+    def _store(self, table: str, rows: list[tuple], what: str) -> None:
+        if not rows:
+            return
+        marks = ",".join("?" * len(rows[0]))
+        try:
+            with _transaction(self.connection):
+                self.connection.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", rows)
+        except sqlite3.Error as error:  # a full disk, say: the files were checked all the same
+            log.warning("Could not remember the %s of %d image files in %s: %s", what, len(rows), self.path, error)
+
+    def lookup(self, keys: Sequence[Key]) -> Iterator[Facts | None]:
+        """The remembered facts of each key, in order; None for a file never checked in this version."""
+        for row in self._rows("files", "level, width, height, error", keys):
+            yield None if row is None else Facts(*row)
 
     def remember(self, results: Iterable[tuple[Key, Facts]]) -> None:
         """Store the facts of checked files, replacing what an older version of each file left."""
@@ -121,13 +145,16 @@ class VerifiedFiles:
             (os.fsencode(k.path), k.size, k.mtime_ns, f.level, f.width, f.height, _printable(f.error))
             for k, f in results
         ]
-        if not rows:
-            return
-        try:
-            with _transaction(self.connection):
-                self.connection.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        except sqlite3.Error as error:  # a full disk, say: the files were checked all the same
-            log.warning("Could not remember %d verified image files in %s: %s", len(rows), self.path, error)
+        self._store("files", rows, "checks")
+
+    def hashes(self, keys: Sequence[Key]) -> Iterator[bytes | None]:
+        """The remembered content hash of each key, in order; None for a file not hashed in this version."""
+        for row in self._rows("contents", "md5", keys):
+            yield None if row is None else bytes(row[0])
+
+    def remember_hashes(self, hashed: Iterable[tuple[Key, bytes]]) -> None:
+        """Store the content hashes of files, replacing what an older version of each file left."""
+        self._store("contents", [(os.fsencode(k.path), k.size, k.mtime_ns, md5) for k, md5 in hashed], "hashes")
 
     def close(self) -> None:
         self.connection.close()

@@ -11,8 +11,6 @@ import os
 import numpy as np
 from omegaconf import OmegaConf
 
-MAX_LOADER_WORKERS = 8  # beyond this, decoding rarely limits a single-GPU run and each worker costs memory
-
 
 def available_cpus() -> int:
     """CPUs this process may run on: respects taskset and Slurm/cgroup CPU sets, unlike os.cpu_count()."""
@@ -22,8 +20,10 @@ def available_cpus() -> int:
 
 
 def loader_workers() -> int:
-    """One CPU is left to the training loop in the main process; at most MAX_LOADER_WORKERS."""
-    return max(0, min(MAX_LOADER_WORKERS, available_cpus() - 1))
+    """Every CPU but one, which is left to the training loop in the main process. No cap: decoding and augmenting
+    224-px photos takes one core per 350–650 images/s (benchmarks/RESULTS.md), so a GPU that trains at thousands of
+    images a second needs every core the machine has."""
+    return max(0, available_cpus() - 1)
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -5,9 +5,11 @@ Each split is one MLflow dataset named `<data.name>-<split>` (e.g. `digits-train
 (`mlflow.data.context`: training, validation, test), its source (the image folder for data with a `root`, else the
 loader and its arguments: how the split was made) and its profile (the image count and the images per class). The
 digest fingerprints the split's contents — its class names, its labels in order and every image (the pixels of sets
-held in memory, the bytes of image files) — so it is the same whenever the images and the split are, on any machine,
-and differs when one image or label does. MLflow's own NumPy digest reads only the first 10,000 values of an array
-(156 digits of 8×8 pixels); this one reads everything, and keeps MLflow's form (the first 8 hex digits of an MD5).
+held in memory, the MD5 of each image file's bytes) — so it is the same whenever the images and the split are, on any
+machine, and differs when one image or label does. A file's hash is remembered in `data.cache_dir` with what verifying
+it found (pipeline.data.contents), so only the first run on a folder reads every file's bytes. MLflow's own NumPy
+digest reads only the first 10,000 values of an array (156 digits of 8×8 pixels); this one covers everything, and
+keeps MLflow's form (the first 8 hex digits of an MD5).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.data.contents import FileHashes
 from pipeline.data.images import ImageSplits, LabelledImages, content_chunks
 
 if TYPE_CHECKING:
@@ -54,12 +57,12 @@ class ImageSplitDataset(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
 
-def digest(part: LabelledImages, classes: list[str]) -> str:
-    """The split's fingerprint (see the module's docstring)."""
+def digest(part: LabelledImages, classes: list[str], hashes: FileHashes | None = None) -> str:
+    """The split's fingerprint (see the module's docstring); `hashes` gives image files' hashes (None: read them)."""
     md5 = hashlib.md5(usedforsecurity=False)
     md5.update(json.dumps(classes).encode())
     md5.update(np.ascontiguousarray(part.labels, dtype=np.int64))
-    for chunk in content_chunks(part):
+    for chunk in content_chunks(part, hashes=hashes):
         md5.update(chunk)
     return md5.hexdigest()[:8]
 
@@ -77,10 +80,12 @@ def split_datasets(data: DictConfig, splits: ImageSplits) -> dict[str, ImageSpli
     """One dataset per split, by context (training, validation, test)."""
     source, counts = data_source(data), splits.class_counts()
     datasets = {}
-    for split, context in CONTEXTS.items():
-        part = getattr(splits, split)
-        profile = {"images": len(part), "classes": len(splits.classes), "images_per_class": counts[split]}
-        datasets[context] = ImageSplitDataset(source, f"{data.name}-{split}", digest(part, splits.classes), profile)
+    with FileHashes(data.get("cache_dir")) as hashes:
+        for split, context in CONTEXTS.items():
+            part = getattr(splits, split)
+            profile = {"images": len(part), "classes": len(splits.classes), "images_per_class": counts[split]}
+            fingerprint = digest(part, splits.classes, hashes)
+            datasets[context] = ImageSplitDataset(source, f"{data.name}-{split}", fingerprint, profile)
     return datasets
 
 
