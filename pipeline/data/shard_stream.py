@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -279,6 +280,7 @@ class ShardDataModule(ImageDataModule):
             drop_last=train and self.drop_last,
         )
         workers = self.loader_options["num_workers"] > 0
+        cv2.setNumThreads(1)  # as ImageDataModule's loaders: set before the workers fork, inherited by them
         options = {key: value for key, value in self.loader_options.items() if key != "persistent_workers"}
         return ShardLoader(
             stream,
