@@ -10,7 +10,8 @@
    system) of the main process and its loader workers together, the figure that says how many cores a GPU needs.
    What the batches then cost on the training device (uint8 → float, normalisation, channels-last) is not CPU work
    when training on a GPU, and is left out; it is timed on its own (`device step`, here on one CPU thread).
-   torchvision + timm: the same files, `ImageFolder` and a plain DataLoader with the same batch and workers.
+   torchvision + timm: the same files, `ImageFolder` and a plain DataLoader with the same batch and workers. Memory:
+   the largest unique set size (USS: pages not shared with the main process) of a loader worker, read mid-epoch.
 2. Draft: decoding large JPEGs (1600×1200 photos) in full against libjpeg's DCT scaling (`Image.draft`) as far as
    each pipeline allows (pipeline.data.transforms.draft_scale) — CPU time per image; for the deterministic resize, how
    far apart the two images the model sees are (mean difference, 0–255), next to how far apart two standard ways of
@@ -74,11 +75,22 @@ def cpu():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 for _ in loader():  # warm-up: page cache, lazy imports
     pass
-rates = []
+def worker_memory():  # each loader worker's own memory (USS: not the pages it shares with the main process), MiB
+    import psutil
+    sizes = []
+    for child in psutil.Process().children():
+        try:
+            sizes.append(child.memory_full_info().uss / 2**20)
+        except psutil.Error:
+            pass
+    return sizes
+rates, memory = [], []
 for _ in range(3):
     started, used, seen = time.perf_counter(), cpu(), 0
-    for batch_images, labels in loader():
+    for step, (batch_images, labels) in enumerate(loader()):
         seen += len(batch_images)
+        if step == 4:
+            memory += worker_memory()
     wall, spent = time.perf_counter() - started, cpu() - used
     rates.append((seen / wall, seen / spent, str(batch_images.dtype)))
 device = None
@@ -91,7 +103,7 @@ if batch_images.dtype == torch.uint8:  # what the training device then does with
         normalize(batch_images)
     device = (time.process_time() - started) / 20 * 1000
 print(json.dumps({"wall": max(r[0] for r in rates), "cpu": max(r[1] for r in rates), "dtype": rates[0][2],
-                  "device_ms": device}))
+                  "device_ms": device, "worker_mb": max(memory) if memory else None}))
 """
 
 
@@ -172,13 +184,18 @@ def main() -> None:
         f"{args.files:,} JPEGs, {mean_size / 1024:.0f} KB on average, in {folder}; {len(os.sched_getaffinity(0))} "
         f"CPUs; {args.images} images an epoch, batch 64, num_workers={args.workers}\n"
     )
-    print("| loader, 224×224 | images/s | images per CPU-second | batch dtype | device step ms/batch |")
-    print("|---|---:|---:|---|---:|")
+    print(
+        "| loader, 224×224 | images/s | images per CPU-second | batch dtype | device step ms/batch | "
+        "memory of a worker (USS) MiB |"
+    )
+    print("|---|---:|---:|---|---:|---:|")
     for aug in args.augs.split(","):
         result = measure(folder, aug, args.workers, args.images)
         label = f"`aug={aug}`" if aug != "torchvision+timm" else "torchvision `ImageFolder` + timm `create_transform`"
         device = f"{result['device_ms']:.1f}" if result.get("device_ms") is not None else "–"
-        print(f"| {label} | {result['wall']:.0f} | {result['cpu']:.0f} | {result['dtype']} | {device} |", flush=True)
+        memory = f"{result['worker_mb']:.0f}" if result.get("worker_mb") is not None else "–"
+        row = f"| {label} | {result['wall']:.0f} | {result['cpu']:.0f} | {result['dtype']} | {device} | {memory} |"
+        print(row, flush=True)
     if not args.no_draft:
         print(
             "\n| 1600×1200 JPEG, 224×224 input | decoded at | full decode CPU ms | draft decode CPU ms | speed-up | "
