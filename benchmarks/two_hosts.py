@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
@@ -29,20 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import QUIET, clean_env  # noqa: E402 - the repository's test helpers, found from its root
-from tests.helpers.hosts import Host, two_hosts  # noqa: E402
+from tests.helpers.hosts import start_tracking_server, two_hosts  # noqa: E402
 from tests.helpers.postgres import Database, fresh_database  # noqa: E402
 
 BIN = Path(sys.executable).parent
-RAY_PORT, MLFLOW_PORT = 6379, 5000
-
-
-def wait_for_server(host: Host, url: str, env: dict[str, str]) -> None:
-    probe = f"import urllib.request; urllib.request.urlopen('{url}/health', timeout=2)"
-    deadline = time.monotonic() + 90
-    while host.run([str(BIN / "python"), "-c", probe], env, check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            sys.exit(f"the MLflow server did not answer at {url}")
-        time.sleep(0.5)
+RAY_PORT = 6379
 
 
 def sweep(layout: str, trials: int, epochs: int, overrides: list[str], database: Database) -> dict[str, float]:
@@ -50,18 +40,12 @@ def sweep(layout: str, trials: int, epochs: int, overrides: list[str], database:
         (Path(outside) / "shared" / "home").mkdir()
         env = clean_env(HOME=str(shared / "home"))
         log = Path(outside) / "hosts.log"
-        server = f"http://{a.address}:{MLFLOW_PORT}"
-        a.start(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", database.socket_uri, "--artifacts-destination",
-             f"{shared}/artifacts", "--host", a.address, "--port", str(MLFLOW_PORT), "--workers", "1"],
-            {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log,
-        )  # fmt: skip
+        server = start_tracking_server(a, database.socket_uri, shared, env, log)
         ray = [str(BIN / "ray"), "start", "--disable-usage-stats"]
         head = ["--head", f"--node-ip-address={a.address}", f"--port={RAY_PORT}", "--include-dashboard=false"]
         a.run([*ray, *head, f"--num-cpus={1 if layout == 'two hosts' else 2}"], env)
         if layout == "two hosts":
             b.run([*ray, "--num-cpus=1", f"--address={a.address}:{RAY_PORT}", f"--node-ip-address={b.address}"], env)
-        wait_for_server(a, server, env)
         name = layout.replace(" ", "-")
         command = [
             str(BIN / "python"), "-m", "pipeline.sweep", f"paths.root={shared}", *QUIET, "sweep=lr_wd",

@@ -18,13 +18,13 @@ import mlflow
 import pytest
 
 from tests.conftest import QUIET, clean_env
-from tests.helpers.hosts import Host, can_make_hosts, two_hosts
+from tests.helpers.hosts import Host, can_make_hosts, start_tracking_server, two_hosts, wait_for_server
 from tests.helpers.postgres import Database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_make_hosts() is not None, reason=str(can_make_hosts()))]
 
 BIN = Path(sys.executable).parent
-RAY_PORT, MLFLOW_PORT = 6379, 5000  # each host has its own ports: nothing else listens there
+RAY_PORT = 6379  # each host has its own ports: nothing else listens there
 FAST = [
     "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2", "data.batch_size=32", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
@@ -63,15 +63,6 @@ class Cluster:
         return parent, [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
-def _wait_for_server(host: Host, url: str, env: dict[str, str], timeout: float = 90) -> None:
-    probe = f"import urllib.request; urllib.request.urlopen('{url}/health', timeout=2)"
-    deadline = time.monotonic() + timeout
-    while host.run([str(BIN / "python"), "-c", probe], env, check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the MLflow server on {host.name} did not answer at {url}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def cluster(postgres: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     outside = tmp_path_factory.mktemp("two-hosts") / "shared"
@@ -80,17 +71,12 @@ def cluster(postgres: Database, tmp_path_factory: pytest.TempPathFactory) -> Ite
         env = clean_env(HOME=str(home))
         (outside / "home").mkdir()
         log = outside / "hosts.log"
-        server = f"http://{a.address}:{MLFLOW_PORT}"
-        a.start(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres.socket_uri, "--artifacts-destination",
-             f"{shared}/artifacts", "--host", a.address, "--port", str(MLFLOW_PORT), "--workers", "1"],
-            {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log,
-        )  # fmt: skip
+        server = start_tracking_server(a, postgres.socket_uri, shared, env, log)
         ray = [str(BIN / "ray"), "start", "--num-cpus=1", "--disable-usage-stats"]
         head = ["--head", f"--node-ip-address={a.address}", f"--port={RAY_PORT}", "--include-dashboard=false"]
         a.run([*ray, *head], env)
         b.run([*ray, f"--address={a.address}:{RAY_PORT}", f"--node-ip-address={b.address}"], env)
-        _wait_for_server(b, server, env)  # reached from the other host
+        wait_for_server(b, server, env)  # reached from the other host too
         yield Cluster(a, b, shared, outside, server, env)
 
 

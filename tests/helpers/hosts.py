@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -143,3 +144,30 @@ def can_make_hosts() -> str | None:
         return "network, PID and mount namespaces need root"
     missing = [tool for tool in ("ip", "unshare", "nsenter", "mountpoint") if shutil.which(tool) is None]
     return f"missing {', '.join(missing)}" if missing else None
+
+
+MLFLOW_PORT = 5000  # each host has its own ports: nothing else listens there
+
+
+def start_tracking_server(host: Host, database_uri: str, shared: Path, env: dict[str, str], log: Path) -> str:
+    """`mlflow server` on `host` (the team's server: a database behind it, artifacts proxied to the shared storage),
+    answering at the host's address; returns its URL once it answers from that host."""
+    bin_folder = Path(sys.executable).parent
+    url = f"http://{host.address}:{MLFLOW_PORT}"
+    host.start(
+        [str(bin_folder / "mlflow"), "server", "--backend-store-uri", database_uri, "--artifacts-destination",
+         f"{shared}/artifacts", "--host", host.address, "--port", str(MLFLOW_PORT), "--workers", "1"],
+        {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log,
+    )  # fmt: skip
+    wait_for_server(host, url, env)
+    return url
+
+
+def wait_for_server(host: Host, url: str, env: dict[str, str], timeout: float = 90) -> None:
+    """Until the MLflow server at `url` answers a request made from `host`."""
+    probe = f"import urllib.request; urllib.request.urlopen('{url}/health', timeout=2)"
+    deadline = time.monotonic() + timeout
+    while host.run([sys.executable, "-c", probe], env, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the MLflow server on {host.name} did not answer at {url}")
+        time.sleep(0.5)
