@@ -128,7 +128,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.run(down)  # what a killed session may have left
         stop.callback(stack.run, down, check=False)
         stack.run(readme(f"{COMPOSE} up"), timeout=600)
-        wait_for(lambda: all(health(stack).values()), 240, "postgres, mlflow and ray-head healthy (`ps`)")
+        try:  # minutes on a busy machine: each health check is a process started in its container
+            wait_for(lambda: all(health(stack).values()), 600, "postgres, mlflow and ray-head healthy (`ps`)")
+        except AssertionError as error:
+            listed = stack.run(readme(f"{COMPOSE} ps"), check=False).stdout
+            logs = stack.run([*readme(f"{COMPOSE} ps")[:-1], "logs", "--tail=40", *HEALTHY], check=False).stdout
+            raise AssertionError(f"{error}\n{listed}\n{logs[-6000:]}") from None
         yield stack
 
 
