@@ -101,3 +101,17 @@ def ray_tmp() -> Iterator[str]:
 
     with ray_folder() as folder:
         yield folder
+
+
+# The files that keep a test worker busy longest (minutes each: a Docker stack, two hosts, Ray sweeps), collected
+# first: the workers take files in collection order (`--dist loadfile`), so the long ones start at once and the many
+# short ones fill in around them, instead of one long file starting last and running on alone.
+LONGEST_FIRST = (
+    "test_docker_stack.py", "test_two_hosts.py", "test_sweep.py", "test_sweep_nodes.py", "test_sweep_recovery.py",
+    "test_tracking_concurrent.py", "test_faults.py", "test_run_lifecycle.py", "test_shards_e2e.py", "test_docker.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
