@@ -118,6 +118,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             RAY_WORKER_CPUS="1",  # one trial at a time on each worker
             MLFLOW_PORT=str(port),
             MLFLOW_ADDRESS="127.0.0.1",
+            COLUMNS="400",  # docker-compose 1.29 wraps `ps`'s table at COLUMNS, which pytest-xdist's workers set to 80
         )
         stack = Stack(started, env, f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("docker"))
         postgres = readme("docker build -f docker/postgres.Dockerfile")
