@@ -118,7 +118,9 @@ class ImageClassifier(L.LightningModule):
         (channels-last when set), before Mixup. Done in the steps rather than in Lightning's on_after_batch_transfer:
         Lightning warns at every run when a LightningModule overrides that hook and a DataModule is given."""
         if self.normalize is not None:
-            return self.normalize(images)
+            # In the network's dtype, as Lightning's precision plugin gives float batches (bf16-true, 64-true): it
+            # converts floating-point batches only, and this one was uint8 until now.
+            return self.normalize(images).to(self.dtype)
         if images.dtype == torch.uint8:
             raise TypeError(
                 "ImageClassifier got a uint8 batch and no normalize: the loaders hand over uint8 images; build it with "

@@ -53,6 +53,18 @@ def test_batches_are_uint8_and_the_module_normalises_them_on_its_device() -> Non
         ImageClassifier(nn.Identity(), 2, optimizer=None, scheduler=None).prepare(images)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_network_of_another_precision_gets_its_batch_in_its_own_dtype(dtype: torch.dtype) -> None:
+    """trainer.precision=bf16-true or 64-true: the network's weights are of that dtype, and so is what it is given."""
+    images, _ = next(iter(datamodule(0).val_dataloader()))
+    network = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    module = ImageClassifier(network, 2, optimizer=None, scheduler=None, normalize=Normalize(SPEC.mean, SPEC.std))
+    module(module.prepare(images))  # materialises the lazy layer
+    module.to(dtype)
+    logits = module(module.prepare(images))
+    assert module.prepare(images).dtype == dtype and logits.dtype == dtype
+
+
 class Threads(Dataset):
     """Each item: the torch and OpenCV thread counts of the process that loads it."""
 
