@@ -12,11 +12,9 @@ import json
 import re
 import secrets
 import shlex
-import socket
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,8 @@ import pytest
 from tests.conftest import REPO
 from tests.helpers.docker_base import base_image
 from tests.helpers.docker_engine import CACHE, Engine, Unavailable, cannot_run, compose_command, engine
+from tests.helpers.mlflow_server import free_port
+from tests.helpers.sweeps import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.skipif(bool(cannot_run()), reason=str(cannot_run()))]
 
@@ -93,12 +93,6 @@ class Stack:
         return json.loads(self.engine.docker("inspect", what).stdout)[0]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Engine, base, images, then the README's `up`: PostgreSQL, the tracking server, the Ray head and 2 workers."""
@@ -143,13 +137,6 @@ def health(stack: Stack) -> dict[str, bool]:
     listed = stack.run(readme(f"{COMPOSE} ps")).stdout.splitlines()
     lines = {s: [line for line in listed if f"{PROJECT}_{s}_" in line or f"{PROJECT}-{s}-" in line] for s in HEALTHY}
     return {service: len(found) == 1 and "(healthy)" in found[0] for service, found in lines.items()}
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def test_stack_comes_up_healthy_with_two_workers_and_the_server_published_on_loopback_only(stack: Stack) -> None:

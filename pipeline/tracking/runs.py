@@ -168,4 +168,4 @@ def recorded_status(end: Callable[[str], None], note: Callable[[str], None] | No
 def failure_reason(error: BaseException) -> str:
     """`<type>: <first line of the message>`, short enough for an MLflow tag."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:500]
+    return (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)[:500]

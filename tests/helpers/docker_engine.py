@@ -19,6 +19,7 @@ apt (no service is started by the packages: a policy denies it).
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 import signal
@@ -33,7 +34,6 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("PIPELINE_DOCKER_CACHE", "/var/cache/cnn-pipeline-docker"))  # kept between runs
 PACKAGES = {"dockerd": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap"}
-CLIENTS = ("docker",)  # the client: Debian's docker.io brings one; a newer one already on the PATH is used as is
 
 
 class Unavailable(RuntimeError):
@@ -215,6 +215,7 @@ def _tail(log: Path, size: int = 2000) -> str:
     return log.read_text(errors="replace")[-size:] if log.exists() else "(no log)"
 
 
+@functools.cache  # asked once: every compose command of a test (health polls included) would ask again
 def compose_command() -> Sequence[str]:
     """Compose as the README types it, `docker compose` (v2) where the plugin exists, else Debian's
     `docker-compose` 1.29 (the Python v1), which reads the same file."""

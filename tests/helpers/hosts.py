@@ -89,11 +89,11 @@ def two_hosts(shared: Path) -> Iterator[tuple[Host, Host, Path]]:
         cleanup.callback(shutil.rmtree, mount_point, ignore_errors=True)
         # The code the hosts run (this checkout and its virtual environment) stays in sight when it lies under /tmp
         # (a clone there): held outside /tmp, then mounted back at its path in the host's own /tmp.
-        code, held = Path.cwd().resolve(), Path(f"{mount_point}-code")
+        code, held = Path(__file__).resolve().parents[2], Path(f"{mount_point}-code")
         keep_code = restore_code = ""
         if code.is_relative_to("/tmp"):
             held.mkdir()
-            cleanup.callback(shutil.rmtree, held, ignore_errors=True)
+            cleanup.callback(held.rmdir)  # empty here (the bind mounts are the hosts' own): never a tree to delete
             keep_code = f"mount --bind {code} {held} &&"
             restore_code = f"mkdir -p {code} && mount --bind {held} {code} &&"
         hosts = []
