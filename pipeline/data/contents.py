@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from pipeline.data.scan import bounded_map
+from pipeline.data.scan import REMEMBER_EVERY, bounded_map
 from pipeline.data.verified import Key, VerifiedFiles
 from pipeline.data.workers import available_cpus
-
-REMEMBER_EVERY = 2000  # hashes written to the cache per transaction
 
 
 def md5(path: str | Path) -> bytes:

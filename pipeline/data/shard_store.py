@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -199,8 +198,3 @@ def check_url(url: str) -> None:
         raise DataError(
             f"data.url={url}: must be a folder or s3://bucket/prefix (e.g. data.url=s3://my-bucket/digits-shards)."
         )
-
-
-def chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
-    while data := stream.read(size):
-        yield data

@@ -216,7 +216,6 @@ class ShardLoader(DataLoader):
         super().__init__(stream, batch_size=stream.batch_size, **options)
         stream.workers = max(1, self.num_workers)
         self.position = position
-        self.restored: dict[str, int] = {}
 
     def __iter__(self) -> Iterator[Any]:
         return _Deferred(self)
@@ -234,7 +233,7 @@ class ShardLoader(DataLoader):
         return {"epoch": epoch, "batches": done}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.restored = dict(state_dict)
+        pass  # the position is the Trainer's (start()): what was saved needs no reading back
 
 
 class _Deferred:

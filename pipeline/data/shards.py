@@ -11,7 +11,6 @@ samples ahead from where the index says they begin. Training streams them instea
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -99,12 +98,7 @@ class ShardSet:
         return {**self.__dict__, "_cache": {}}
 
 
-def fingerprint(shards: ShardSet) -> str:
-    return hashlib.sha256(b"".join(shards.content_chunks())).hexdigest()
-
-
-def _check_shards(store: Store, index: DatasetIndex) -> None:
-    present = store.sizes()
+def _check_shards(store: Store, index: DatasetIndex, present: dict[str, int]) -> None:
     problems = []
     for split in SPLITS:
         for shard in index.splits[split]:
@@ -147,7 +141,7 @@ def load_shards(
     index = DatasetIndex.from_json(store.read_json(INDEX), store.where(INDEX))
     if index.channels not in CHANNEL_COUNTS or len(index.classes) < 2:
         raise DataError(f"{store.where(INDEX)}: needs >= 2 classes and 1 or 3 channels; convert the data again.")
-    _check_shards(store, index)
+    _check_shards(store, index, sizes)  # the listing made above: one pass over the store
     options = StreamOptions(bool(shard_shuffle), int(shuffle_block))
     sets = {split: ShardSet(store, index.splits[split], index.channels, options) for split in SPLITS}
     if len(sets["train"]) == 0:
