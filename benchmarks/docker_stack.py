@@ -92,10 +92,13 @@ def main() -> None:
             started_at = time.perf_counter()
             up = subprocess.Popen([*compose, "up", "-d", "--scale", "ray-worker=2"], cwd=REPO, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            deadline = time.monotonic() + 900
             while True:
                 states = health(env, compose)
                 if all(states.get(s) == "healthy" for s in HEALTHY) and up.poll() is not None:
                     break
+                if up.poll() not in (None, 0) or time.monotonic() > deadline:
+                    sys.exit(f"the stack did not come up healthy (up exited {up.poll()}; health: {states})")
                 time.sleep(0.25)
             print(f"stack start-up to healthy (up -d --scale ray-worker=2, fresh volumes): "
                   f"{time.perf_counter() - started_at:.1f} s")  # fmt: skip
