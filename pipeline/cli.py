@@ -125,8 +125,19 @@ def user_errors(*also: type[Exception]) -> Iterator[None]:
     try:
         yield
     except (UserInputError, *also) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_message(error: BaseException) -> str:
+    """The error's own message. One raised in a DataLoader worker reaches the main process re-made by torch with the
+    worker's traceback in its text ("Caught X in DataLoader worker process N. Original Traceback …"): the user's
+    mistake is its last line, after the type's name."""
+    text = str(error)
+    if text.startswith(f"Caught {type(error).__name__} in DataLoader worker process"):
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 @contextmanager

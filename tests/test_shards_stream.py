@@ -163,3 +163,32 @@ def test_an_s3_endpoint_that_does_not_answer_fails_in_seconds_naming_it(monkeypa
     with pytest.raises(DataError) as raised:
         load_shards("s3://bucket/shards", endpoint_url=endpoint)
     assert f"the S3 endpoint {endpoint} does not answer" in str(raised.value)
+
+
+def test_a_shard_damaged_but_its_size_unchanged_stops_the_read_instead_of_losing_samples(
+    shards: Path, tmp_path: Path
+) -> None:
+    """tarfile takes a damaged header in a stream for the archive's end: the read counts what the index promises."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in shards.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    train = load_shards(str(copy)).train
+    shard, info = copy / train.shards[0].name, train.shards[0]
+    header = info.byte_range(info.samples // 2, info.samples // 2 + 1)[0]  # the tar header of a sample in the middle
+    data = bytearray(shard.read_bytes())
+    data[header : header + 512] = bytes(512)  # a block of zeros: the end of an archive, to tarfile; the size is kept
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000000\.tar: samples 0-\d+ hold \d+ readable samples, .*damaged"):
+        list(train.encoded(0, 0, train.shards[0].samples))
+
+
+def test_a_users_error_from_a_loader_worker_is_said_without_the_workers_traceback() -> None:
+    from pipeline.cli import user_message
+
+    remade = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\npipeline.data.errors.DataError: /d/train-000000.tar: damaged. Convert again.\n'
+    )
+    assert user_message(remade) == "/d/train-000000.tar: damaged. Convert again."
+    assert user_message(DataError("data.url is not set: give …")) == "data.url is not set: give …"

@@ -64,7 +64,19 @@ class ShardSet:
         info = self.shards[shard]
         first, last = info.byte_range(start, stop)
         stream = self.store.open_range(info.name, first, last)
-        yield from read_samples(stream, self.store.where(info.name))
+        where = self.store.where(info.name)
+        read = 0
+        for sample in read_samples(stream, where):
+            read += 1
+            yield sample
+        # tarfile reads a damaged header of a stream as the archive's end: without this, samples would go missing
+        # silently (and ranks would train unequal batch counts). The size is checked at start-up; this is the bytes.
+        if read != stop - start:
+            raise DataError(
+                f"{where}: samples {start}-{stop - 1} hold {read} readable samples, {INDEX} says "
+                f"{stop - start}: the shard is damaged. Copy it again, or convert the data again with "
+                "python -m pipeline.shard."
+            )
 
     def decode(self, data: bytes, where: str) -> np.ndarray:
         try:
