@@ -224,9 +224,21 @@ def _refuse(problems: Sequence[str]) -> None:
         raise ConfigError("Invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def _unset(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is `???`, read without resolving (OmegaConf.missing_keys resolves interpolations,
+    and one that refers to an unset key fails)."""
+    plain = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    if isinstance(plain, dict):
+        return [key for name, value in plain.items() for key in _unset(value, f"{prefix}{name}.")]
+    return [prefix.rstrip(".")] if plain == "???" else []
+
+
 def validate(cfg: DictConfig, only: Collection[str] | None = None) -> None:
     """Raise ConfigError listing every value that cannot work; silent when the config is sound. `only`: check just
     these keys' rules (for a command whose config shares a few keys with training's), without the cross-field ones."""
+    # A value a config file leaves to the user (`???`, e.g. data=shards' url): first, since reading any key that
+    # refers to it (data.source.url) would fail with OmegaConf's own error.
+    _refuse([f"{key} is not set: give it on the command line ({key}=…)" for key in _unset(cfg)])
     problems = []
     for rule in RULES:
         if only is not None and rule.key not in only:

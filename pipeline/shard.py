@@ -19,7 +19,7 @@ from pipeline.config import CONF_DIR, ConfigError
 
 def _check(cfg: DictConfig) -> None:
     problems = []
-    if OmegaConf.is_missing(cfg, "output"):
+    if OmegaConf.is_missing(cfg, "output") or not str(cfg.output).strip():  # empty: the shards would land here
         problems.append(
             "output is not set: where the shards go (e.g. output=/data/shards or output=s3://bucket/shards)"
         )

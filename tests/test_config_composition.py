@@ -97,3 +97,19 @@ def test_all_problems_are_reported_together(root: Path) -> None:
     with pytest.raises(ConfigError) as error:
         validate(compose_in(root, ["optim.lr=-1", "data.batch_size=0"]))
     assert "optim.lr" in str(error.value) and "data.batch_size" in str(error.value)
+
+
+def test_a_value_the_config_leaves_to_the_user_is_named_when_it_is_not_given(root: Path) -> None:
+    """data=shards' url is `???`: the run is refused naming it, not with OmegaConf's error about data.source.url."""
+    with pytest.raises(ConfigError, match=r"^Invalid configuration: data\.url is not set: .*\(data\.url=…\)$"):
+        validate(compose_in(root, ["data=shards"]))
+    validate(compose_in(root, ["data=shards", "data.url=/data/shards"]))
+
+
+@pytest.mark.parametrize("output", ["", " "])
+def test_an_empty_shard_output_is_refused_not_written_into_the_folder_the_command_runs_in(output: str) -> None:
+    from pipeline.config import compose
+    from pipeline.shard import _check
+
+    with pytest.raises(ConfigError, match="output is not set"):
+        _check(compose(["data=digits", f"output='{output}'"], config_name="shard"))
