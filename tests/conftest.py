@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from pipeline.tracking.store import make_store_folder, sqlite_path
+from tests.helpers.commands import run_module
 from tests.helpers.mlflow_server import Served, mlflow_server
 from tests.helpers.postgres import Database, Unavailable, fresh_database
 
@@ -33,14 +33,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_cli(
     module: str, *overrides: str, root: Path, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m <module> <overrides>` as a user types it, writing under `root`."""
-    return subprocess.run(
-        [sys.executable, "-m", module, f"paths.root={root}", *QUIET, *overrides],
-        cwd=REPO,
-        env=env or clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    """`python -m <module> <overrides>` as a user types it, writing under `root` (in a process forked with the
+    pipeline imported: tests/helpers/commands.py)."""
+    return run_module(
+        module, [f"paths.root={root}", *QUIET, *overrides], cwd=REPO, env=env or clean_env(), timeout=timeout
     )
 
 

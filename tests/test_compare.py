@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -18,6 +16,7 @@ from pipeline.config import compose
 from pipeline.errors import UserInputError
 from pipeline.run import run
 from tests.conftest import REPO, clean_env, compose_in, store_uri
+from tests.helpers.commands import run_module
 
 pytestmark = pytest.mark.e2e
 
@@ -42,10 +41,9 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]
 
 def test_compare_two_runs_writes_the_table_figures_and_a_comparison_run(two_runs: tuple[Path, list[str]]) -> None:
     root, ids = two_runs
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.compare", f"paths.root={root}", f"runs=[{ids[0]},{ids[1]}]"],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = run_module(
+        "pipeline.compare", [f"paths.root={root}", f"runs=[{ids[0]},{ids[1]}]"], cwd=REPO, env=clean_env(), timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     differing = re.search(r"Params that differ between the runs: (.*)", done.stdout).group(1)
     assert {"optim.lr", "loss.label_smoothing"} <= set(differing.split(", "))
@@ -82,10 +80,7 @@ def test_an_experiment_compares_only_its_trainings(two_runs: tuple[Path, list[st
         compare(compose([*overrides, "runs=[feed]"], config_name="compare"))
     with pytest.raises(UserInputError, match=r"Say what to compare"):
         compare(compose(overrides, config_name="compare"))
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.compare", *overrides, "experiment=nonesuch"],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = run_module("pipeline.compare", [*overrides, "experiment=nonesuch"], cwd=REPO, env=clean_env(), timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: experiment=nonesuch: no such experiment" in done.stderr and "digits" in done.stderr
 

@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.config import compose
 from tests.conftest import REPO
+from tests.helpers import docker_engine
 from tests.helpers.isolation import run_isolated
 from tests.helpers.mlflow_server import Served
 from tests.helpers.postgres import Database
@@ -137,8 +138,10 @@ def test_env_example_names_every_variable_compose_reads() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (1.29) is not installed")
 def test_compose_files_are_valid_for_docker_compose_1_29() -> None:
+    if (why := docker_engine.cannot_run()) is not None:
+        pytest.skip(why)
+    docker_engine.install_missing()  # Debian's docker-compose, as the Docker stack's tests install it
     for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
         argv = ["docker-compose", *(f"--file={DOCKER / name}" for name in files), "config", "--quiet"]
         done = subprocess.run(argv, env={**os.environ, "POSTGRES_PASSWORD": "x"}, capture_output=True, text=True)

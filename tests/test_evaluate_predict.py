@@ -8,7 +8,6 @@ import csv
 import os
 import re
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from pipeline.evaluate import evaluate
 from pipeline.register import register
 from pipeline.run import RunResult, run
 from tests.conftest import REPO, clean_env, compose_in, run_cli, store_uri
+from tests.helpers.commands import run_module
 
 QUICK = ("trainer.max_epochs=2", "trainer.limit_train_batches=5", "scheduler.warmup_epochs=0")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,14 +30,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def cli(module: str, *overrides: str, root: Path) -> subprocess.CompletedProcess[str]:
     """`python -m <module>` for entry points without a Trainer (run_cli adds Trainer overrides)."""
-    return subprocess.run(
-        [sys.executable, "-m", module, f"paths.root={root}", *overrides],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module(module, [f"paths.root={root}", *overrides], cwd=REPO, env=clean_env(), timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pipeline.tracking.processes import CLOSED_TAG
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from pipeline.tracking.store import sqlite_path
 from tests.conftest import QUIET, REPO, clean_env, run_cli, store_uri
+from tests.helpers.commands import run_module
 from tests.helpers.mlflow_server import free_port, start, stop, wait_until_closed
 from tests.helpers.postgres import Database
 
@@ -317,8 +318,8 @@ def test_a_run_left_running_on_another_host_is_closed_only_by_hand(root: Path) -
     assert run.data.tags["host"] == "elsewhere"
 
     def sync(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "pipeline.sync", *args, "--tracking-uri", store_uri(root)]
-        return subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+        arguments = [*args, "--tracking-uri", store_uri(root)]
+        return run_module("pipeline.sync", arguments, cwd=REPO, env=clean_env(), timeout=120)
 
     listed = sync("--close-stale")
     assert listed.returncode == 0, listed.stderr[-3000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -26,6 +25,7 @@ from pipeline.run import RunResult, run
 from pipeline.tracking.datasets import split_datasets
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from tests.conftest import REPO, clean_env, compose_in, store_uri
+from tests.helpers.commands import run_module
 from tests.helpers.scoring_server import post, scoring_server
 
 QUICK = (
@@ -187,12 +187,10 @@ def test_registered_with_an_alias_it_is_served_over_http(trained: tuple[Path, Ru
 @pytest.mark.e2e
 def test_register_cli_sets_the_alias_and_refuses_mistakes(trained: tuple[Path, RunResult]) -> None:
     root, result = trained
-    base = [sys.executable, "-m", "pipeline.register", f"paths.root={root}"]
 
     def cli(*overrides: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*base, *overrides], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120
-        )
+        arguments = [f"paths.root={root}", *overrides]
+        return run_module("pipeline.register", arguments, cwd=REPO, env=clean_env(), timeout=120)
 
     done = cli(f"source=models:/{result.model_id}", "name=digits-cli", "alias=champion")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,8 +6,6 @@ so a UI change that breaks the screenshots fails here first."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -25,6 +23,7 @@ from docs.screenshots import (
     store_uri,
 )
 from tests.conftest import QUIET, REPO, clean_env
+from tests.helpers.commands import run_module
 from tests.helpers.mlflow_server import mlflow_server
 from tests.test_mlflow_ui import TINY
 
@@ -37,8 +36,8 @@ pytestmark = [
 def test_runs_table_after_the_mode_switch_shows_the_pipelines_run_names_and_compare_shows_only_what_differs(
     root: Path,
 ) -> None:
-    command = [sys.executable, "-m", "pipeline.train", "-m", f"paths.root={root}", *QUIET, *TINY, "optim.lr=0.1,0.03"]
-    done = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    arguments = ["-m", f"paths.root={root}", *QUIET, *TINY, "optim.lr=0.1,0.03"]
+    done = run_module("pipeline.train", arguments, cwd=REPO, env=clean_env(), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client = mlflow.MlflowClient(store_uri(root))
     trained = {run.info.run_name for run in client.search_runs([client.get_experiment_by_name("digits").experiment_id])}

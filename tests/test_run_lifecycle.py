@@ -24,6 +24,14 @@ def checkpoints(root: Path) -> set[str]:
     return {p.name for p in root.glob("outputs/*/*/checkpoints/*.ckpt")}
 
 
+def as_from_a_terminal() -> None:
+    """In the child before it starts: every signal delivered and handled by default, as in a terminal's foreground
+    job. A process inherits ignored signals and its signal mask, and what ran before in a test worker may have left
+    either changed (SIGINT ignored, or blocked, and the run would never see the Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, signum: signal.Signals) -> None:
@@ -34,6 +42,7 @@ def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=as_from_a_terminal,
     )
     try:
         deadline = time.monotonic() + 120

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from tests.conftest import QUIET, REPO, clean_env
+from tests.helpers.commands import run_module
 from tests.helpers.mlflow_server import free_port, start, stop, wait_until_closed
 from tests.helpers.postgres import Database
 
@@ -47,8 +48,7 @@ def epoch_logged(client: mlflow.MlflowClient) -> bool:
 
 
 def sync(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "pipeline.sync", *args]
-    return subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    return run_module("pipeline.sync", args, cwd=REPO, env=clean_env(), timeout=120)
 
 
 def test_run_outlives_its_server_and_sync_uploads_every_point(root: Path, postgres: Database) -> None:

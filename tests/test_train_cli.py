@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli, store_uri
+from tests.helpers.commands import FRESH
 
 pytestmark = pytest.mark.e2e
 
@@ -159,3 +160,20 @@ def test_an_output_folder_that_cannot_be_written_names_the_key(root: Path, where
     assert f"error: paths.output_dir={where}: cannot write there" in done.stderr
     assert "paths.root=<folder>" in done.stderr and "Traceback" not in done.stderr
     assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["optim.lr=-1"], ["model.name=lenet"], ["--help"], ["resume=nothing-of-the-sort"]],
+    ids=["bad value", "unknown model", "help", "bad resume"],
+)
+def test_a_command_forked_from_the_preloaded_process_answers_as_a_new_interpreter_does(
+    root: Path, monkeypatch: pytest.MonkeyPatch, arguments: list[str]
+) -> None:
+    """The suite forks its commands from a process that has imported the pipeline (tests/helpers/commands.py): that
+    must change nothing a user sees: the output, the error and the exit status."""
+    forked = run_cli("pipeline.train", *arguments, root=root)
+    monkeypatch.setenv(FRESH, "1")
+    fresh = run_cli("pipeline.train", *arguments, root=root)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert forked.stdout + forked.stderr, "it said something"

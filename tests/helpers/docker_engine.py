@@ -64,7 +64,11 @@ def install_missing() -> None:
     os.chmod(policy.name, 0o755)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "POLICYRCD": policy.name}
     try:
-        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends"]):
+        wait = ["-o", "DPkg::Lock::Timeout=900"]  # another test worker may be installing at this moment
+        for command in (
+            ["apt-get", *wait, "update", "-q"],
+            ["apt-get", *wait, "install", "-y", "-q", "--no-install-recommends"],
+        ):
             argv = command + (missing if "install" in command else [])
             done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
             if done.returncode != 0:
