@@ -7,3 +7,7 @@ class UserInputError(ValueError):
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the message says what to change."""
+
+
+# The attribute of an interruption (Ctrl-C, SIGTERM) that says how to continue the killed run: pipeline.train prints it.
+RESUME_HINT = "resume_hint"

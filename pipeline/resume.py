@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import checkpointing, internals
-from pipeline.errors import UserInputError
+from pipeline.errors import RESUME_HINT, UserInputError
 from pipeline.tracking import processes
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 
@@ -335,6 +335,19 @@ def resolve(cfg: DictConfig, lead: bool = True) -> DictConfig:
         if run_id is not None and not cfg.logger.run_id:
             resolved.logger.run_id = run_id
     return resolved
+
+
+def note_how_to_resume(stop: BaseException, run_id: str, output_dir: Path) -> None:
+    """Attach to `stop` (Ctrl-C, SIGTERM) the sentence a user needs once the run has ended KILLED: the command that
+    continues it from its newest sound checkpoint, or that there is none. The command line prints it; a sweep trial
+    does not (its sweep resumes it)."""
+    sound, _ = newest_sound(output_dir)
+    kept = (
+        f"continue it from {sound.name}: python -m pipeline.train resume={run_id}"
+        if sound
+        else "no checkpoint was written before it"
+    )
+    setattr(stop, RESUME_HINT, f"interrupted: run {run_id} is marked KILLED; {kept}")
 
 
 def what_is_kept(output_dir: Path) -> str:

@@ -353,7 +353,11 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
 
         logger = open_training_run(cfg)
         opened.append(logger)
-        with recorded_status(logger.end, note=lambda reason: logger.set_tag("failure", reason)):
+        with recorded_status(
+            logger.end,
+            note=lambda reason: logger.set_tag("failure", reason),
+            interrupted=lambda stop: resume.note_how_to_resume(stop, logger.run_id, output_dir),
+        ):
             log_inputs(logger, cfg, cost, splits.class_counts(), splits.skipped)
             log_datasets(logger, cfg.data, splits)
             logger.log_hyperparams(schedule_params)

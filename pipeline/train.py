@@ -2,7 +2,8 @@
 
 Exit status: 0 trained and tracked; 2 an error the message explains (config, data, tracking server, resume=, a
 diverged loss, a full disk); 3 trained, but the tracking server lacks part of the run: the message names the
-pipeline.sync command that uploads it.
+pipeline.sync command that uploads it; 130 (Ctrl-C) and 143 (SIGTERM) interrupted, the run ended KILLED: the message
+names the command that continues it.
 
 With -m (Hydra's multirun) every job is such a run; a job that fails is reported and the others still run. Exit
 status: 0 every job trained and tracked; 1 some failed (the table at the end names them and why); 3 every job
@@ -12,6 +13,7 @@ trained, but the tracking server lacks part of some.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,7 @@ from pipeline.cli import (
     user_errors,
 )
 from pipeline.config import CONF_DIR, validate
-from pipeline.errors import TrainingDiverged
+from pipeline.errors import RESUME_HINT, TrainingDiverged
 from pipeline.multirun import in_multirun, job
 
 if TYPE_CHECKING:
@@ -55,7 +57,16 @@ def train(cfg: DictConfig) -> RunResult:
     # even when their clocks tick past a second.
     adopt_output_folder(cfg)
     with sigterm_as_exception():
-        return run(cfg)
+        try:
+            return run(cfg)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            hint = getattr(stop, RESUME_HINT, None)
+            if hint is not None:
+                print(hint, file=sys.stderr, flush=True)
+            # Lightning answers Ctrl-C with exit status 1; a shell reports it as 130 (128 + SIGINT), as it does SIGTERM
+            if isinstance(stop, KeyboardInterrupt) or isinstance(stop.__context__, KeyboardInterrupt):
+                raise SystemExit(128 + signal.SIGINT) from None
+            raise
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -148,13 +148,21 @@ def log_files(logger: RecordedMLFlowLogger, files: Mapping[str, Path]) -> None:
 
 
 @contextmanager
-def recorded_status(end: Callable[[str], None], note: Callable[[str], None] | None = None) -> Iterator[None]:
+def recorded_status(
+    end: Callable[[str], None],
+    note: Callable[[str], None] | None = None,
+    interrupted: Callable[[BaseException], None] | None = None,
+) -> Iterator[None]:
     """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any error): never left RUNNING. `note` is given the
-    reason of a failure (the error's type and first line) before the run is ended."""
+    reason of a failure (the error's type and first line) before the run is ended; `interrupted`, what stopped a
+    killed run, once it is ended."""
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit) as stop:
         end("KILLED")
+        if interrupted is not None:
+            with suppress(Exception):  # saying how to continue must not hide what stopped the run
+                interrupted(stop)
         raise
     except BaseException as error:
         if note is not None:
