@@ -342,12 +342,13 @@ def note_how_to_resume(stop: BaseException, run_id: str, output_dir: Path) -> No
     continues it from its newest sound checkpoint, or that there is none. The command line prints it; a sweep trial
     does not (its sweep resumes it)."""
     sound, _ = newest_sound(output_dir)
-    kept = (
-        f"continue it from {sound.name}: python -m pipeline.train resume={run_id}"
-        if sound
-        else "no checkpoint was written before it"
-    )
+    kept = how_to_continue(run_id, sound) if sound else "no checkpoint was written before it"
     setattr(stop, RESUME_HINT, f"interrupted: run {run_id} is marked KILLED; {kept}")
+
+
+def how_to_continue(run_id: str, sound: Path) -> str:
+    """The words and the command that continue run `run_id` from its checkpoint `sound`."""
+    return f"continue it from {sound.name}: python -m pipeline.train resume={run_id}"
 
 
 def what_is_kept(output_dir: Path) -> str:
@@ -370,11 +371,7 @@ def disk_full_explained(output_dir: Path, opened: Sequence[RecordedMLFlowLogger]
         run_id = opened[0].run_id if opened else None
         sound, _ = newest_sound(output_dir)
         stopped = f"run {run_id} stopped and is marked FAILED; " if run_id else ""
-        then = (
-            f"continue it from {sound.name}: python -m pipeline.train resume={run_id}"
-            if run_id and sound
-            else "start it again"
-        )
+        then = how_to_continue(run_id, sound) if run_id and sound else "start it again"
         raise DiskFull(
             f"no space left on the disk of {output_dir} ({error.strerror}"
             f"{f': {error.filename}' if error.filename else ''}): {stopped}no checkpoint was torn. Free space there "

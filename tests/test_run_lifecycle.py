@@ -56,15 +56,16 @@ def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, 
         if process.poll() is None:
             process.kill()
     assert process.returncode == 128 + signum, "exit status 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them"
-    run_id = only_run(root).info.run_id
-    assert only_run(root).info.status == "KILLED"
+    killed = only_run(root)
+    run_id = killed.info.run_id
+    assert killed.info.status == "KILLED"
     assert {"last.ckpt", "interrupted.ckpt"} <= checkpoints(root)
     said = process.stderr.read()
     assert f"interrupted: run {run_id} is marked KILLED; continue it from interrupted.ckpt: " in said, said[-2000:]
     assert f"python -m pipeline.train resume={run_id}" in said
 
     if signum == signal.SIGTERM:  # and it resumes from the mid-epoch checkpoint, the newest, to the end
-        resumed = run_cli("pipeline.train", f"resume={only_run(root).info.run_id}", "trainer.max_epochs=3", root=root)
+        resumed = run_cli("pipeline.train", f"resume={run_id}", "trainer.max_epochs=3", root=root)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "interrupted.ckpt" in resumed.stdout + resumed.stderr
         assert only_run(root).info.status == "FINISHED"
