@@ -76,7 +76,10 @@ def main() -> None:
     labels = digits.target
     train_x, rest_x, train_y, rest_y = train_test_split(images, labels, test_size=0.3, stratify=labels, random_state=0)
     val_x, test_x, val_y, test_y = train_test_split(rest_x, rest_y, test_size=0.5, stratify=rest_y, random_state=0)
-    affine = A.Compose([A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-10, 10), shear=(-10, 10))])
+    # p=1.0 as conf/aug/affine.yaml has it: Albumentations' default (0.5) would distort only half the images.
+    affine = A.Compose(
+        [A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-10, 10), shear=(-10, 10), p=1.0)]
+    )
     train = DataLoader(Digits(train_x, train_y, affine), args.batch_size, shuffle=True)
     val = DataLoader(Digits(val_x, val_y, None), args.batch_size)
     test = DataLoader(Digits(test_x, test_y, None), args.batch_size)

@@ -115,3 +115,70 @@ def test_our_fancy_pca_draws_and_outputs_what_albumentations_does(alpha: float) 
         for _ in range(4):  # the same draws from the same seed, and the same image to within one level of 255
             difference = ours(image=smooth)["image"].astype(int) - theirs(image=smooth)["image"].astype(int)
             assert np.abs(difference).max() <= 1
+
+
+def test_our_resize_passes_an_image_at_its_size_through_and_resizes_others_as_albumentations_does() -> None:
+    import albumentations as A
+
+    from pipeline.data.augmentations import Resize
+
+    assert isinstance(build_transforms({"Resize": {"height": None, "width": None}}, spec(1))[0], Resize)
+    rng = np.random.default_rng(2)
+    for shape in [(32, 32, 1), (32, 32, 3), (8, 8, 1), (40, 24, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        ours, theirs = Resize(32, 32)(image=image)["image"], A.Resize(32, 32)(image=image)["image"]
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs)
+        if shape[:2] == (32, 32):
+            assert ours is image, "no copy of an image already at the size"
+
+
+def _albumentations_own(transform: object) -> object:
+    """The same pipeline and seed with Albumentations' Resize, which resizes every image every time."""
+    import albumentations as A
+
+    from pipeline.data.augmentations import Resize
+
+    steps = [
+        A.Resize(t.height, t.width, interpolation=t.interpolation) if isinstance(t, Resize) else t for t in transform
+    ]
+    return A.Compose(steps, seed=transform.seed)
+
+
+@pytest.mark.parametrize("aug", ["affine", "none"])
+def test_a_set_held_in_memory_is_resized_once_and_trains_on_the_same_batches(root: Path, aug: str) -> None:
+    from pipeline.data.datamodule import ImageDataModule
+    from pipeline.data.images import ImageSplits
+    from pipeline.data.transforms import eval_transform
+
+    part = images(40, 1, (8, 8))
+    splits = ImageSplits(part, part, part, [str(n) for n in range(7)])
+    entries, input_spec = compose_in(root, [f"aug={aug}"]).aug.train, spec(1)
+
+    def batches(train: object, evaluate: object, held_size: tuple[int, int]) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        data = ImageDataModule(splits, train, evaluate, 8, 0, False, False, None)
+        loaders = [data.train_dataloader(), data.train_dataloader(), data.val_dataloader()]  # two epochs, validation
+        assert all(loader.dataset.images.images.shape[1:3] == held_size for loader in loaders)
+        return [images for loader in loaders for images, _ in loader]
+
+    ours = batches(train_transform(entries, input_spec, seed=0), eval_transform(input_spec), (32, 32))
+    own = [
+        _albumentations_own(train_transform(entries, input_spec, seed=0)),
+        _albumentations_own(eval_transform(input_spec)),
+    ]
+    theirs = batches(*own, (8, 8))
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_only_a_pipeline_starting_with_a_resize_and_a_set_within_the_limit_are_resized_in_advance(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.data import transforms
+
+    data = images(10, 1, (8, 8)).images
+    affine = train_transform(compose_in(root, ["aug=affine"]).aug.train, spec(1), seed=0)
+    assert transforms.resized_in_advance(data, affine).shape == (10, 32, 32, 1)
+    heavy = train_transform(compose_in(root, ["aug=heavy"]).aug.train, spec(1), seed=0)
+    assert transforms.resized_in_advance(data, heavy) is None, "RandomResizedCrop takes the image as it is"
+    monkeypatch.setattr(transforms, "RESIZE_IN_ADVANCE_BYTES", 10 * 32 * 32 - 1)
+    assert transforms.resized_in_advance(data, affine) is None, "over the limit: resized when drawn"

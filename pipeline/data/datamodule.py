@@ -5,6 +5,10 @@ The loaders yield uint8 batches (pipeline.data.transforms); the LightningModule 
 and a thread pool per worker on shared cores only adds contention. With no workers (num_workers=0) the main process
 augments, and OpenCV runs on one thread there too (torch keeps its threads: they train).
 
+Images held in memory (digits, MNIST, CIFAR) are resized once, when their loader is built, if the pipeline starts with
+a Resize (pipeline.data.transforms.resized_in_advance): every pipeline's tail resizes to the model's input, and the
+`affine` preset resizes first, so each epoch would otherwise resize every image again, to the same pixels.
+
 Training images that are JPEGs are decoded at a reduced scale where the augmentation allows it (data.draft: see
 pipeline.data.transforms.draft_scale); validation and test images are decoded in full, as pipeline.predict and the
 served model decode them, so every evaluation computes the same numbers.
@@ -30,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.decode import MinScale
 from pipeline.data.errors import DataError
-from pipeline.data.images import ImageSplits, LabelledImages, read
-from pipeline.data.transforms import draft_scale
+from pipeline.data.images import ImageSet, ImageSplits, LabelledImages, read
+from pipeline.data.transforms import draft_scale, resized_in_advance
 from pipeline.data.workers import rank_seed
 
 
@@ -150,6 +154,9 @@ class ImageDataModule(L.LightningDataModule):
         # count in a forked child waits forever on its pool's locks, copied from the parent mid-use.
         cv2.setNumThreads(1)
         min_scale = draft_scale(transform) if train and self.draft and hasattr(transform, "transforms") else None
+        if isinstance(images, ImageSet):
+            resized = resized_in_advance(images.images, transform)
+            images = ImageSet(resized, images.labels) if resized is not None else images
         return DataLoader(
             TransformedImages(images, transform, min_scale),
             batch_size=self.batch_size,

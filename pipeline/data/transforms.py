@@ -34,8 +34,9 @@ from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
 
-from pipeline.data.augmentations import FASTER
+from pipeline.data.augmentations import FASTER, Resize
 from pipeline.errors import UserInputError
 
 SIZE_KEYS = ("size", "height", "width")
@@ -158,7 +159,7 @@ def build_transforms(entries: Mapping[str, Any] | None, spec: InputSpec, where: 
 
 def _finish(spec: InputSpec) -> list[Any]:
     """Resize to the input size and hand over uint8 CHW: normalisation happens on the training device."""
-    return [A.Resize(*spec.size, interpolation=INTERPOLATIONS[spec.interpolation]), A.ToTensorV2()]
+    return [Resize(*spec.size, interpolation=INTERPOLATIONS[spec.interpolation]), A.ToTensorV2()]
 
 
 def train_transform(entries: Mapping[str, Any] | None, spec: InputSpec, seed: int | None) -> A.Compose:
@@ -179,6 +180,29 @@ def eval_transform(spec: InputSpec) -> A.Compose:
             A.CenterCrop(*spec.size),
         ]
     return A.Compose([*steps, *_finish(spec)])
+
+
+# Images held in memory (digits, MNIST, CIFAR) are resized once, before the first epoch, when their pipeline starts with
+# a Resize that always applies; up to this many bytes of resized images, beyond which (CIFAR-10 at 224×224: 7.5 GB)
+# each image is resized when it is drawn, as files are.
+RESIZE_IN_ADVANCE_BYTES = 256 * 2**20
+
+
+def resized_in_advance(images: np.ndarray, transform: Any) -> np.ndarray | None:
+    """`images` (N, H, W, C) through `transform`'s first step, when that is a Resize that passes images already at
+    its size through (pipeline.data.augmentations.Resize, as every pipeline built here has) and the result fits in
+    RESIZE_IN_ADVANCE_BYTES; None otherwise. The pipeline then gives the same output for the resized images as for
+    the originals: a step that always applies draws nothing from its generator, and each step has its own."""
+    first = transform.transforms[0] if isinstance(transform, A.Compose) and transform.transforms else None
+    if not (isinstance(first, Resize) and first.p >= 1.0):
+        return None
+    count, _, _, channels = images.shape
+    if count * first.height * first.width * channels > RESIZE_IN_ADVANCE_BYTES:
+        return None
+    resized = np.empty((count, first.height, first.width, channels), dtype=images.dtype)
+    for index, image in enumerate(images):
+        resized[index] = first(image=np.ascontiguousarray(image))["image"].reshape(resized.shape[1:])
+    return resized
 
 
 def _whole(transform: Any) -> bool:
