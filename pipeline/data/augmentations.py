@@ -4,9 +4,9 @@ first): the same parameters, the same random draws, the same output to within on
 - FancyPCA: Albumentations' computes the image's colour covariance and applies its noise in float64 over every pixel,
   4.6 ms of CPU for one 224×224 image here — more than every other step of `aug=heavy` together. Here the covariance
   comes from six float32 dot products and the noise is one 3×4 colour matrix applied by OpenCV: 0.65 ms.
-- Resize: an image already at the output size passes through untouched. Albumentations' would copy it unchanged after
-  ~15 µs of its per-call work — a third of what `aug=affine` costs a digit beyond its Affine, since every pipeline ends
-  with a Resize to the model's input and images held in memory are resized to it once (pipeline.data.datamodule).
+- Resize: an image already at the output size passes through untouched; Albumentations' copies it unchanged after its
+  per-call work. Every pipeline ends with a Resize to the model's input, and images held in memory are resized to it
+  once (pipeline.data.datamodule): with both, `aug=affine` takes 90 µs a digit instead of 109 µs.
 """
 
 from __future__ import annotations
