@@ -25,7 +25,7 @@ from pipeline.tracking.processes import CLOSED_TAG
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from pipeline.tracking.store import sqlite_path
 from tests.conftest import QUIET, REPO, clean_env, run_cli, store_uri
-from tests.helpers.commands import run_module
+from tests.helpers.commands import Started, run_module, start_module
 from tests.helpers.mlflow_server import free_port, start, stop, wait_until_closed
 from tests.helpers.postgres import Database
 
@@ -61,20 +61,15 @@ def reference(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> di
     return run.data.metrics
 
 
-def train(root: Path, *overrides: str, name: str = "train", env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def train(root: Path, *overrides: str, name: str = "train", env: dict[str, str] | None = None) -> Started:
     """`python -m pipeline.train` started in the background; its output goes to <root>/<name>.log."""
-    with (root / f"{name}.log").open("w") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train", f"paths.root={root}", *QUIET, *overrides],
-            cwd=REPO,
-            env=env or clean_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    arguments = [f"paths.root={root}", *QUIET, *overrides]
+    return start_module("pipeline.train", arguments, cwd=REPO, env=env or clean_env(), stdout=root / f"{name}.log")
 
 
-def wait_for(condition: Callable[[], object], process: subprocess.Popen[str], what: str, timeout: float = 180) -> None:
+def wait_for(
+    condition: Callable[[], object], process: Started | subprocess.Popen[str], what: str, timeout: float = 180
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, f"the training ended (exit {process.returncode}) before {what}"
@@ -82,7 +77,7 @@ def wait_for(condition: Callable[[], object], process: subprocess.Popen[str], wh
         time.sleep(0.01)
 
 
-def kill(process: subprocess.Popen[str]) -> None:
+def kill(process: Started | subprocess.Popen[str]) -> None:
     process.send_signal(signal.SIGKILL)  # nothing in the process gets to clean up
     process.wait(timeout=60)
 
@@ -193,7 +188,7 @@ def test_killed_at_a_random_moment_the_run_resumes_to_the_uninterrupted_result(
     assert_resumes_to_the_reference(root, killed.info.run_id, reference)
 
 
-def assert_refused_while_it_trains(root: Path, process: subprocess.Popen[str]) -> None:
+def assert_refused_while_it_trains(root: Path, process: Started) -> None:
     assert process.poll() is None, "the training ended before the kill"
     (run,) = all_runs(store_uri(root))
     second = run_cli("pipeline.train", f"resume={run.info.run_id}", *SETTINGS, root=root)
@@ -203,7 +198,7 @@ def assert_refused_while_it_trains(root: Path, process: subprocess.Popen[str]) -
     assert mlflow.MlflowClient(store_uri(root)).get_run(run.info.run_id).info.status == "RUNNING"
 
 
-def freeze_inside_a_checkpoint_write(process: subprocess.Popen[str], folder: Path) -> Path:
+def freeze_inside_a_checkpoint_write(process: Started, folder: Path) -> Path:
     """Stop the process (SIGSTOP) while it writes a checkpoint; returns the temporary file being written."""
     deadline = time.monotonic() + 120
     while True:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import mlflow
 import pytest
 
 from tests.conftest import QUIET, REPO, clean_env, run_cli, store_uri
+from tests.helpers.commands import start_module
 
 
 def only_run(root: Path) -> mlflow.entities.Run:
@@ -24,30 +23,18 @@ def checkpoints(root: Path) -> set[str]:
     return {p.name for p in root.glob("outputs/*/*/checkpoints/*.ckpt")}
 
 
-def as_from_a_terminal() -> None:
-    """In the child before it starts: every signal delivered and handled by default, as in a terminal's foreground
-    job. A process inherits ignored signals and its signal mask, and what ran before in a test worker may have left
-    either changed (SIGINT ignored, or blocked, and the run would never see the Ctrl-C)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, signum: signal.Signals) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", f"paths.root={root}", *QUIET, "trainer.max_epochs=500"],
-        cwd=REPO,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=as_from_a_terminal,
+    errors = root / "train.err"
+    arguments = [f"paths.root={root}", *QUIET, "trainer.max_epochs=500"]
+    process = start_module(
+        "pipeline.train", arguments, cwd=REPO, env=clean_env(), stdout=root / "train.out", stderr=errors
     )
     try:
         deadline = time.monotonic() + 120
         while "last.ckpt" not in checkpoints(root):  # at least one epoch done
-            assert process.poll() is None, process.stderr.read()
+            assert process.poll() is None, errors.read_text()
             assert time.monotonic() < deadline, "no epoch finished within 120 s"
             time.sleep(0.2)
         process.send_signal(signum)
@@ -60,7 +47,7 @@ def test_interrupted_run_is_marked_killed_and_keeps_its_checkpoints(root: Path, 
     run_id = killed.info.run_id
     assert killed.info.status == "KILLED"
     assert {"last.ckpt", "interrupted.ckpt"} <= checkpoints(root)
-    said = process.stderr.read()
+    said = errors.read_text()
     assert f"interrupted: run {run_id} is marked KILLED; continue it from interrupted.ckpt: " in said, said[-2000:]
     assert f"python -m pipeline.train resume={run_id}" in said
 
@@ -143,18 +130,15 @@ def test_a_run_killed_mid_training_resumes_by_run_id_and_ends_like_an_uninterrup
     reference = run_cli("pipeline.train", *settings, root=root / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", f"paths.root={root}", *QUIET, *settings],
-        cwd=REPO,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    errors = root / "train.err"
+    arguments = [f"paths.root={root}", *QUIET, *settings]
+    process = start_module(
+        "pipeline.train", arguments, cwd=REPO, env=clean_env(), stdout=root / "train.out", stderr=errors
     )
     try:
         deadline = time.monotonic() + 120
         while val_points(root) < 3:  # three epochs done, the fourth under way
-            assert process.poll() is None, process.stderr.read()
+            assert process.poll() is None, errors.read_text()
             assert time.monotonic() < deadline, "three epochs did not finish within 120 s"
             time.sleep(0.05)
     finally:

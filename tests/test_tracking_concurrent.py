@@ -27,6 +27,7 @@ import pytest
 
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from tests.conftest import QUIET, REPO, clean_env
+from tests.helpers.commands import start_module
 from tests.helpers.isolation import isolated
 from tests.helpers.mlflow_server import Served
 from tests.helpers.postgres import Database
@@ -79,16 +80,19 @@ def concurrent(
         )  # fmt: skip
     trainings = []
     for i in range(TRAININGS):
-        command = [
-            sys.executable, "-m", "pipeline.train", f"paths.root={root}", f"paths.output_dir={root}/train{i}", *QUIET,
-            *SMALL, f"logger.tracking_uri={tracking_server.url}", "logger.experiment_name=concurrent", f"seed={i}",
+        arguments = [
+            f"paths.root={root}", f"paths.output_dir={root}/train{i}", *QUIET, *SMALL,
+            f"logger.tracking_uri={tracking_server.url}", "logger.experiment_name=concurrent", f"seed={i}",
         ]  # fmt: skip
-        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-        trainings.append(subprocess.Popen(command, cwd=REPO, env=env, **pipes))
+        logs = {"stdout": root / f"train{i}.out", "stderr": root / f"train{i}.err"}
+        trainings.append(start_module("pipeline.train", arguments, cwd=REPO, env=env, **logs))
     try:
-        done = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=300)) for p in trainings]
-        for process, result in zip(trainings, done, strict=True):
-            result.returncode = process.returncode
+        done = [
+            subprocess.CompletedProcess(
+                p.args, p.wait(timeout=300), (root / f"train{i}.out").read_text(), (root / f"train{i}.err").read_text()
+            )
+            for i, p in enumerate(trainings)
+        ]
         if sweep is not None:
             assert sweep.wait(timeout=300) == 0, (root / "sweep.log").read_text()[-4000:]
         yield Outcome(root, tracking_server.url, done, (root / "sweep.log").read_text() if sweep else None)

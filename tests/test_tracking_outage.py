@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from tests.conftest import QUIET, REPO, clean_env
-from tests.helpers.commands import run_module
+from tests.helpers.commands import run_module, start_module
 from tests.helpers.mlflow_server import free_port, start, stop, wait_until_closed
 from tests.helpers.postgres import Database
 
@@ -54,28 +53,31 @@ def sync(*args: str) -> subprocess.CompletedProcess[str]:
 def test_run_outlives_its_server_and_sync_uploads_every_point(root: Path, postgres: Database) -> None:
     artifacts, port = root / "artifacts", free_port()
     url, server = start(postgres.tcp_uri, artifacts, port=port)
-    training = subprocess.Popen(
+    output, errors = root / "train.out", root / "train.err"
+    training = start_module(
+        "pipeline.train",
         [
-            sys.executable, "-m", "pipeline.train", f"paths.root={root}", f"paths.output_dir={root}/run", *QUIET,
-            f"logger.tracking_uri={url}", f"logger.experiment_name={EXPERIMENT}", f"trainer.max_epochs={EPOCHS}",
-            *SMALL, "logger.http.max_retries=1", "logger.http.backoff_factor=0", "logger.http.timeout=5",
+            f"paths.root={root}", f"paths.output_dir={root}/run", *QUIET, f"logger.tracking_uri={url}",
+            f"logger.experiment_name={EXPERIMENT}", f"trainer.max_epochs={EPOCHS}", *SMALL,
+            "logger.http.max_retries=1", "logger.http.backoff_factor=0", "logger.http.timeout=5",
         ],
-        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=clean_env(), stdout=output, stderr=errors,
     )  # fmt: skip
     try:
         client = mlflow.MlflowClient(url)
         deadline = time.monotonic() + 120
         while not epoch_logged(client):
-            assert training.poll() is None, training.communicate()[1][-3000:]
+            assert training.poll() is None, errors.read_text()[-3000:]
             assert time.monotonic() < deadline, "no epoch reached the server within 120 s"
             time.sleep(0.2)
         stop(server, signal.SIGKILL)  # the server dies after the first epoch
-        stdout, stderr = training.communicate(timeout=240)
+        training.wait(timeout=240)
     finally:
         stop(server)
         if training.poll() is None:
             training.kill()
             training.wait()
+    stdout, stderr = output.read_text(), errors.read_text()
 
     assert training.returncode == 3, stderr[-3000:]
     assert "Training goes on." in stderr, "said once, when it happened"

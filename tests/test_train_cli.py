@@ -9,8 +9,8 @@ import mlflow
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli, store_uri
-from tests.helpers.commands import FRESH
+from tests.conftest import clean_env, run_cli, store_uri
+from tests.helpers.commands import FRESH, forked
 
 pytestmark = pytest.mark.e2e
 
@@ -160,6 +160,46 @@ def test_an_output_folder_that_cannot_be_written_names_the_key(root: Path, where
     assert f"error: paths.output_dir={where}: cannot write there" in done.stderr
     assert "paths.root=<folder>" in done.stderr and "Traceback" not in done.stderr
     assert not (root / "mlruns").exists(), "nothing is tracked for a run that cannot start"
+
+
+def _as_lines(text: str, root: Path) -> set[str]:
+    """The lines of a run's output with what differs between two runs (folder, ids, times, figures) masked."""
+    text = re.sub(r"outputs/[^/\s]+/[^/\s]+", "outputs/<run>", text.replace(str(root), "<root>"))
+    return {re.sub(r"[0-9a-f]{32}|\d+", "#", line).rstrip() for line in text.splitlines()}
+
+
+def test_a_forked_training_prints_and_logs_what_a_new_interpreter_does(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's messages included: they reach the console and the run's log file as in a new interpreter (the
+    preloaded process imports Lightning as a command does: tests/helpers/preload.py)."""
+    short = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
+    said = {}
+    for way in ("forked", "fresh"):
+        if way == "fresh":
+            monkeypatch.setenv(FRESH, "1")
+        done = run_cli("pipeline.train", *short, "trainer.limit_test_batches=1", root=root / way)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (log,) = (root / way).glob("outputs/*/*/train.log")
+        said[way] = [_as_lines(text, root / way) for text in (done.stdout, done.stderr, log.read_text())]
+    assert said["forked"] == said["fresh"]
+    assert any(line.startswith("INFO: Restoring states from the checkpoint") for line in said["forked"][1])
+
+
+def test_commands_stay_forked_after_the_test_process_has_used_the_libraries(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the libraries note in the environment for their own use must not send every later command to a new
+    interpreter, which costs ~6 s of CPU a command and shows nowhere else (it did, unnoticed: after any test that
+    imported Lightning, every command of that test worker started a new interpreter)."""
+    import lightning  # noqa: F401  # sets PYTORCH_NVML_BASED_CUDA_CHECK=1 in this process's environment
+
+    client = mlflow.MlflowClient(store_uri(root))
+    client.create_run(client.create_experiment("used"))
+    monkeypatch.setenv("_MLFLOW_TELEMETRY_SESSION_ID", "0123abcd")  # where MLflow's telemetry is on
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))  # once torch.compile has run here
+    assert forked(clean_env()), "a command of the tests' usual environment is forked"
+    assert not forked(clean_env(HF_HOME=str(root))), "one read at import time is not"
 
 
 @pytest.mark.parametrize(

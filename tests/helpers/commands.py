@@ -11,14 +11,22 @@ What a fork cannot give is an environment read at import time: huggingface_hub r
 instance. A command whose environment differs from the test session's in anything but MLflow's variables (which
 MLflow reads when it uses them) therefore runs in a new interpreter, as does every command when
 PIPELINE_TESTS_FRESH_PROCESSES=1 (to check that both ways give the same results).
+
+`run_module` runs a command to its end, like subprocess.run; `start_module` starts one in the background, for a test
+that signals or kills it, with what such a test uses of subprocess.Popen. Either way the command starts as a
+terminal's foreground job would: no signal blocked, Ctrl-C raising KeyboardInterrupt. A process inherits ignored
+signals and its signal mask, and what ran before in a test worker may have left either changed (Lightning ignores
+SIGINT once it has caught a KeyboardInterrupt in its process).
 """
 
 from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.connection
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,15 +34,17 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# What the forked commands import before they start (what `import pipeline.run` and the sweep driver load).
-PRELOAD = ["pipeline.run", "pipeline.sweep.driver", "mlflow.pytorch", "sklearn.datasets", "sklearn.model_selection"]
-# Read when used, not when imported (pytest's PYTEST_CURRENT_TEST names the test): a command may change them and fork.
-FORKED_VARIABLES = ("MLFLOW_", "PYTEST_CURRENT_TEST")
+# What the forked commands import before they start, as their own processes would (see the module).
+PRELOAD = ["tests.helpers.preload"]
+# Read when used, not when imported: a command may change them and fork. PYTEST_CURRENT_TEST names the test; MLflow's
+# own _MLFLOW_* note what a process of it has started (a telemetry session); torch's inductor sets its cache folder in
+# the environment the first time it compiles.
+FORKED_VARIABLES = ("MLFLOW_", "_MLFLOW_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
 FRESH = "PIPELINE_TESTS_FRESH_PROCESSES"
 
 # The environment the preloading process imports with: the session's as it started, before any test changed it.
 SESSION_ENV = {k: v for k, v in os.environ.items() if not k.startswith(FORKED_VARIABLES)}
-_started = False
+_set_by_imports: set[str] | None = None  # what importing PRELOAD itself set in the server's environment, once started
 
 
 def run_module(
@@ -42,49 +52,118 @@ def run_module(
 ) -> subprocess.CompletedProcess[str]:
     """`python -m module *args` in `cwd` with `env`: its exit status and its output, like subprocess.run with
     capture_output=True and text=True (and subprocess.TimeoutExpired after `timeout` seconds, the process killed)."""
-    command = [sys.executable, "-m", module, *args]
-    if not _forkable(env):
-        return subprocess.run(command, cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout)
-    context = _forkserver()
     with tempfile.TemporaryDirectory(prefix="command-") as folder:
         stdout, stderr = Path(folder, "stdout"), Path(folder, "stderr")
-        arguments = (module, list(args), str(cwd), dict(env), str(stdout), str(stderr))
-        process = context.Process(target=_main, args=arguments)
-        process.start()
-        process.join(timeout)
-        if process.exitcode is None:
+        process = start_module(module, args, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+        try:
+            status = process.wait(timeout)
+        except subprocess.TimeoutExpired:
             process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(command, timeout, _read(stdout), _read(stderr))
-        return subprocess.CompletedProcess(command, process.exitcode, _read(stdout), _read(stderr))
+            process.wait()
+            raise subprocess.TimeoutExpired(process.args, timeout, _read(stdout), _read(stderr)) from None
+        return subprocess.CompletedProcess(process.args, status, _read(stdout), _read(stderr))
 
 
-def _forkable(env: Mapping[str, str]) -> bool:
+class Started:
+    """A command start_module started: what the tests use of subprocess.Popen, for a forked process or a new
+    interpreter alike. `returncode` is None while it runs, then its exit status, or -N after signal N."""
+
+    def __init__(self, args: list[str], process: subprocess.Popen[bytes] | multiprocessing.process.BaseProcess) -> None:
+        self.args = args
+        self._process = process
+        self.pid: int = process.pid  # type: ignore[assignment]  # set once started
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def poll(self) -> int | None:
+        if isinstance(self._process, subprocess.Popen):
+            return self._process.poll()
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status; subprocess.TimeoutExpired if it still runs after `timeout` seconds."""
+        if isinstance(self._process, subprocess.Popen):
+            return self._process.wait(timeout)
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start_module(
+    module: str, args: Sequence[str], *, cwd: Path, env: Mapping[str, str], stdout: Path, stderr: Path | None = None
+) -> Started:
+    """`python -m module *args` in `cwd` with `env`, started in the background: its output goes to the file `stdout`,
+    its errors to the file `stderr` (or to `stdout` too); its standard input is empty."""
+    command = [sys.executable, "-m", module, *args]
+    if not forked(env):
+        with stdout.open("wb") as out, stderr.open("wb") if stderr else out as err:
+            process = subprocess.Popen(
+                command, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                preexec_fn=as_from_a_terminal,
+            )  # fmt: skip
+        return Started(command, process)
+    arguments = (module, list(args), str(cwd), dict(env), str(stdout), str(stderr or stdout))
+    child = _forkserver().Process(target=_main, args=arguments)
+    child.start()
+    return Started(command, child)
+
+
+def as_from_a_terminal() -> None:
+    """In a command's process before it starts: every signal delivered, Ctrl-C raising KeyboardInterrupt."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def forked(env: Mapping[str, str]) -> bool:
+    """Whether a command with `env` is forked from the preloaded process (else it runs in a new interpreter): its
+    environment is the session's, but for variables read when used and those the imports set themselves (Lightning
+    sets PYTORCH_NVML_BASED_CUDA_CHECK when it is imported: in the server, and in a test process that imports it)."""
     if os.environ.get(FRESH) == "1":
         return False
-    changed = set(env.items()) ^ set(SESSION_ENV.items())
-    return all(name.startswith(FORKED_VARIABLES) for name, _ in changed)
+    _forkserver()
+    changed = {name for name, _ in set(env.items()) ^ set(SESSION_ENV.items())} - (_set_by_imports or set())
+    return all(name.startswith(FORKED_VARIABLES) for name in changed)
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
     """Python's forkserver for this test process, started (once) with the session's environment and the pipeline
     imported."""
-    global _started
+    global _set_by_imports
     context = multiprocessing.get_context("forkserver")
-    if not _started:
+    if _set_by_imports is None:
         context.set_forkserver_preload(PRELOAD)
         saved = dict(os.environ)
         os.environ.clear()
         os.environ.update(SESSION_ENV)  # a test may have changed the environment by now: the server keeps its own
+        receive, send = context.Pipe(duplex=False)
         try:
-            warm = context.Process(target=int)  # starts the server, which imports PRELOAD
+            warm = context.Process(target=_send_environment, args=(send,))  # starts the server, which imports PRELOAD
             warm.start()
+            server = receive.recv()
             warm.join()
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        _started = True
+            receive.close()
+            send.close()
+        _set_by_imports = {name for name in {*server, *SESSION_ENV} if server.get(name) != SESSION_ENV.get(name)}
     return context
+
+
+def _send_environment(connection: multiprocessing.connection.Connection) -> None:
+    """In a process forked from the server: its environment, as the imports left it."""
+    connection.send(dict(os.environ))
+    connection.close()
 
 
 def _read(path: Path) -> str:
@@ -93,12 +172,17 @@ def _read(path: Path) -> str:
 
 def _main(module: str, args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
     """In the forked process: become `python -m module *args` and exit as it would."""
+    as_from_a_terminal()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, stdout, os.O_WRONLY), (2, stderr, os.O_WRONLY)):
-        opened = os.open(path, flags | (os.O_CREAT | os.O_TRUNC if fd else 0), 0o600)
+    outputs = {stdout: os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)}
+    if stderr not in outputs:
+        outputs[stderr] = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    empty = os.open(os.devnull, os.O_RDONLY)
+    for fd, opened in ((0, empty), (1, outputs[stdout]), (2, outputs[stderr])):
         os.dup2(opened, fd)
+    for opened in {empty, *outputs.values()}:
         os.close(opened)
     sys.path.insert(0, cwd)  # as `python -m` puts the current folder first
     sys.argv = [module, *args]
