@@ -192,12 +192,15 @@ def test_commands_stay_forked_after_the_test_process_has_used_the_libraries(
     """What the libraries note in the environment for their own use must not send every later command to a new
     interpreter, which costs ~6 s of CPU a command and shows nowhere else (it did, unnoticed: after any test that
     imported Lightning, every command of that test worker started a new interpreter)."""
-    import lightning  # noqa: F401  # sets PYTORCH_NVML_BASED_CUDA_CHECK=1 in this process's environment
+    import lightning  # sets PYTORCH_NVML_BASED_CUDA_CHECK=1 in this process's environment
 
     client = mlflow.MlflowClient(store_uri(root))
     client.create_run(client.create_experiment("used"))
     monkeypatch.setenv("_MLFLOW_TELEMETRY_SESSION_ID", "0123abcd")  # where MLflow's telemetry is on
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))  # once torch.compile has run here
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # as a test that trains in its own process leaves them
+        monkeypatch.setenv(name, "")
+    lightning.seed_everything(3, workers=True, verbose=False)
     assert forked(clean_env()), "a command of the tests' usual environment is forked"
     assert not forked(clean_env(HF_HOME=str(root))), "one read at import time is not"
 

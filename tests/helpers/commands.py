@@ -37,9 +37,11 @@ from pathlib import Path
 # What the forked commands import before they start, as their own processes would (see the module).
 PRELOAD = ["tests.helpers.preload"]
 # Read when used, not when imported: a command may change them and fork. PYTEST_CURRENT_TEST names the test; MLflow's
-# own _MLFLOW_* note what a process of it has started (a telemetry session); torch's inductor sets its cache folder in
-# the environment the first time it compiles.
-FORKED_VARIABLES = ("MLFLOW_", "_MLFLOW_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+# own _MLFLOW_* note what a process of it has started (a telemetry session); Lightning's seed_everything notes its seed
+# for loader workers (PL_GLOBAL_SEED, PL_SEED_WORKERS), and torch's inductor its cache folder when it first compiles.
+FORKED_VARIABLES = (
+    "MLFLOW_", "_MLFLOW_", "PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR",
+)  # fmt: skip
 FRESH = "PIPELINE_TESTS_FRESH_PROCESSES"
 
 # The environment the preloading process imports with: the session's as it started, before any test changed it.
