@@ -198,6 +198,7 @@ def test_commands_stay_forked_after_the_test_process_has_used_the_libraries(
     client.create_run(client.create_experiment("used"))
     monkeypatch.setenv("_MLFLOW_TELEMETRY_SESSION_ID", "0123abcd")  # where MLflow's telemetry is on
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))  # once torch.compile has run here
+    monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "1")
     for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # as a test that trains in its own process leaves them
         monkeypatch.setenv(name, "")
     lightning.seed_everything(3, workers=True, verbose=False)

@@ -38,9 +38,11 @@ from pathlib import Path
 PRELOAD = ["tests.helpers.preload"]
 # Read when used, not when imported: a command may change them and fork. PYTEST_CURRENT_TEST names the test; MLflow's
 # own _MLFLOW_* note what a process of it has started (a telemetry session); Lightning's seed_everything notes its seed
-# for loader workers (PL_GLOBAL_SEED, PL_SEED_WORKERS), and torch's inductor its cache folder when it first compiles.
+# for loader workers (PL_GLOBAL_SEED, PL_SEED_WORKERS), and torch's inductor its cache folder and private notes
+# (_TORCHINDUCTOR_*) when it first compiles.
 FORKED_VARIABLES = (
     "MLFLOW_", "_MLFLOW_", "PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR",
+    "_TORCHINDUCTOR_",
 )  # fmt: skip
 FRESH = "PIPELINE_TESTS_FRESH_PROCESSES"
 
