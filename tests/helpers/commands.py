@@ -8,9 +8,9 @@ runs the command's module as `python -m` does (`runpy`, `__main__`, its own argu
 streams and exit status) and its exit handlers, and is otherwise a fresh process: its own PID, signals and children.
 
 What a fork cannot give is an environment read at import time: huggingface_hub reads `HF_*` when it is imported, for
-instance. A command whose environment differs from the test session's in anything but MLflow's variables (which
-MLflow reads when it uses them) therefore runs in a new interpreter, as does every command when
-PIPELINE_TESTS_FRESH_PROCESSES=1 (to check that both ways give the same results).
+instance. A command whose environment differs from the test session's in anything but variables read when used
+(FORKED_VARIABLES) and those the preloaded imports set themselves therefore runs in a new interpreter, as does every
+command when PIPELINE_TESTS_FRESH_PROCESSES=1 (to check that both ways give the same results).
 
 `run_module` runs a command to its end, like subprocess.run; `start_module` starts one in the background, for a test
 that signals or kills it, with what such a test uses of subprocess.Popen. Either way the command starts as a
