@@ -68,28 +68,24 @@ def run_module(
         return subprocess.CompletedProcess(process.args, status, _read(stdout), _read(stderr))
 
 
-class Started:
-    """A command start_module started: what the tests use of subprocess.Popen, for a forked process or a new
-    interpreter alike. `returncode` is None while it runs, then its exit status, or -N after signal N."""
+class Forked:
+    """A forked command, with what the tests use of subprocess.Popen: `returncode` (None while it runs, then its exit
+    status, or -N after signal N), poll, wait, send_signal, kill."""
 
-    def __init__(self, args: list[str], process: subprocess.Popen[bytes] | multiprocessing.process.BaseProcess) -> None:
+    def __init__(self, args: list[str], process: multiprocessing.process.BaseProcess) -> None:
         self.args = args
         self._process = process
         self.pid: int = process.pid  # type: ignore[assignment]  # set once started
 
     @property
     def returncode(self) -> int | None:
-        return self.poll()
+        return self._process.exitcode
 
     def poll(self) -> int | None:
-        if isinstance(self._process, subprocess.Popen):
-            return self._process.poll()
         return self._process.exitcode
 
     def wait(self, timeout: float | None = None) -> int:
         """The exit status; subprocess.TimeoutExpired if it still runs after `timeout` seconds."""
-        if isinstance(self._process, subprocess.Popen):
-            return self._process.wait(timeout)
         self._process.join(timeout)
         if self._process.exitcode is None:
             raise subprocess.TimeoutExpired(self.args, timeout or 0)
@@ -101,6 +97,10 @@ class Started:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+# A command start_module started: a new interpreter's Popen, or a forked process that behaves as one.
+Started = subprocess.Popen[bytes] | Forked
 
 
 def start_module(
@@ -115,11 +115,11 @@ def start_module(
                 command, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 preexec_fn=as_from_a_terminal,
             )  # fmt: skip
-        return Started(command, process)
+        return process
     arguments = (module, list(args), str(cwd), dict(env), str(stdout), str(stderr or stdout))
     child = _forkserver().Process(target=_main, args=arguments)
     child.start()
-    return Started(command, child)
+    return Forked(command, child)
 
 
 def as_from_a_terminal() -> None:
