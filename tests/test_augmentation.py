@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from pipeline.config import CONF_DIR
 from pipeline.data.datamodule import TransformedImages, seed_worker
 from pipeline.data.images import ImageSet
 from pipeline.data.transforms import AugmentationError, InputSpec, build_transforms, train_transform
-from tests.conftest import compose_in, run_cli
+from tests.conftest import REPO, clean_env, compose_in, run_cli
 
 AUGS = sorted(p.stem for p in (CONF_DIR / "aug").glob("*.yaml"))
 
@@ -182,3 +184,31 @@ def test_only_a_pipeline_starting_with_a_resize_and_a_set_within_the_limit_are_r
     assert transforms.resized_in_advance(data, heavy) is None, "RandomResizedCrop takes the image as it is"
     monkeypatch.setattr(transforms, "RESIZE_IN_ADVANCE_BYTES", 10 * 32 * 32 - 1)
     assert transforms.resized_in_advance(data, affine) is None, "over the limit: resized when drawn"
+
+
+# Every name a process would look up while it imports the augmentations, printed by an audit hook, which then
+# refuses the lookup: the test itself reaches no server.
+LOOKUPS = """
+import sys
+
+def refuse_lookups(event, args):
+    if event == "socket.getaddrinfo":
+        print("looked up", args[0], flush=True)
+        raise OSError("no lookups in this test")
+
+sys.addaudithook(refuse_lookups)
+import pipeline.data.transforms  # Albumentations, imported as a training imports it
+"""
+
+
+def test_a_training_process_asks_no_server_for_albumentations_updates() -> None:
+    """Albumentations asks PyPI for its newest version when it is imported, unless NO_ALBUMENTATIONS_UPDATE is set:
+    the pipeline sets it, so no command, Ray trial or worker reaches out; a user's own value is kept."""
+    env = {name: value for name, value in clean_env().items() if name != "NO_ALBUMENTATIONS_UPDATE"}
+    done = subprocess.run([sys.executable, "-c", LOOKUPS], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "looked up" not in done.stdout, done.stdout
+
+    asked = {**env, "NO_ALBUMENTATIONS_UPDATE": "0"}  # the user wants the check: it runs
+    done = subprocess.run([sys.executable, "-c", LOOKUPS], cwd=REPO, env=asked, capture_output=True, text=True)
+    assert "looked up pypi.org" in done.stdout, done.stdout + done.stderr[-3000:]
