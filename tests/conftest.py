@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.tracking.store import make_store_folder, sqlite_path
-from tests.helpers.commands import run_module
+from tests.helpers.commands import not_forkable, run_module
 from tests.helpers.mlflow_server import Served, mlflow_server
 from tests.helpers.postgres import Database, Unavailable, fresh_database
 
@@ -28,6 +28,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(extra)
     return env
+
+
+@pytest.fixture(autouse=True)
+def environment_left_as_found() -> Iterator[None]:
+    """A test leaves the environment as it found it, as far as the commands are concerned: a variable it left set
+    (monkeypatch.delenv of a variable that is not there undoes nothing, for one) would reach every later command of its
+    test worker and send each to a new interpreter, seconds of CPU apiece that show nowhere else."""
+    before = dict(os.environ)
+    yield
+    changed = {name for name in before.keys() | os.environ.keys() if before.get(name) != os.environ.get(name)}
+    left = not_forkable(changed)
+    assert not left, f"the test left {sorted(left)} changed in the environment: set them with monkeypatch"
 
 
 def run_cli(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import requests
 from pipeline.config import compose
 from pipeline.tracking.logger import flatten
 from tests.conftest import REPO, Served, clean_env, run_cli
+from tests.helpers.commands import run_module
 
 pytestmark = pytest.mark.e2e
 
@@ -122,8 +122,8 @@ def test_runs_compare_at_a_glance_in_the_mlflow_ui(root: Path, tracking_server: 
         ("pipeline.evaluate", [f"source={source}"]),
         ("pipeline.compare", [f"experiment={experiment}"]),
     ):
-        command = [sys.executable, "-m", module, f"paths.root={root}", *overrides]  # compare has no progress=
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        arguments = [f"paths.root={root}", *overrides]  # compare has no progress=
+        done = run_module(module, arguments, cwd=REPO, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     kinds = {as_dicts(run)[1].get("kind"): run for run in runs_of(tracking_server, experiment)}
     for kind, entry in (("evaluation", "pipeline/evaluate.py"), ("comparison", "pipeline/compare.py")):

@@ -7,7 +7,6 @@ import json
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -15,6 +14,7 @@ import pytest
 
 from pipeline.multirun import one_process_problem
 from tests.conftest import QUIET, REPO, clean_env, compose_in, store_uri
+from tests.helpers.commands import run_module
 from tests.helpers.hydra_returns import RETURNED_FILE
 
 TINY = (
@@ -29,12 +29,11 @@ TINY = (
 
 def multirun(root: Path, *overrides: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     """The multirun as a user starts it in their project folder (`root`, so paths.root's default); its sweep folder."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "-m", *QUIET, *TINY, *overrides],
+    done = run_module(
+        "pipeline.train",
+        ["-m", *QUIET, *TINY, *overrides],
         cwd=root,
         env=clean_env(PYTHONPATH=str(REPO)),  # the test helpers' callback (the pipeline itself is installed)
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     sweeps = list((root / "outputs").glob("*/*"))

@@ -25,7 +25,8 @@ def test_the_interface_is_the_one_carrying_the_address(monkeypatch: pytest.Monke
     addresses = own_addresses()
     if not addresses:
         pytest.skip("this host has no non-loopback IPv4 address")
-    monkeypatch.delenv(network.GLOO_INTERFACE, raising=False)
+    monkeypatch.setenv(network.GLOO_INTERFACE, "")  # noted as absent before, so what the function sets is undone
+    monkeypatch.delenv(network.GLOO_INTERFACE)
     address, name = next(iter(addresses.items()))
     assert network.interface_towards(address) == name
     assert network.use_interface_towards(address) == name
@@ -33,7 +34,8 @@ def test_the_interface_is_the_one_carrying_the_address(monkeypatch: pytest.Monke
 
 
 def test_nothing_is_set_for_one_host_or_over_the_users_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(network.GLOO_INTERFACE, raising=False)
+    monkeypatch.setenv(network.GLOO_INTERFACE, "")  # noted as absent before, so what the function might set is undone
+    monkeypatch.delenv(network.GLOO_INTERFACE)
     assert network.use_interface_towards("127.0.0.1") is None, "one host: gloo's default works"
     assert network.use_interface_towards("no-such-host.invalid") is None
     assert network.use_interface_towards(None) is None

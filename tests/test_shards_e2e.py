@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import QUIET, REPO, clean_env, run_cli, store_uri
 from tests.helpers.batch_log import read
+from tests.helpers.commands import run_module
 from tests.helpers.isolation import run_isolated
 from tests.helpers.s3_server import make_bucket, s3_env, s3_server
 
@@ -30,8 +31,8 @@ TRAIN_IMAGES, TEST_IMAGES = 1257, 270  # the digits' splits
 
 def convert(output: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m pipeline.shard data=digits output=<output>` as a user types it (7 shards of at most 300 images)."""
-    argv = [sys.executable, "-m", "pipeline.shard", "data=digits", f"output={output}", "shard.max_samples=300"]
-    return subprocess.run(argv, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=300)
+    arguments = ["data=digits", f"output={output}", "shard.max_samples=300"]
+    return run_module("pipeline.shard", arguments, cwd=REPO, env=env or clean_env(), timeout=300)
 
 
 @pytest.fixture(scope="module")

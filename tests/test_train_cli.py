@@ -203,6 +203,7 @@ def test_commands_stay_forked_after_the_test_process_has_used_the_libraries(
         monkeypatch.setenv(name, "")
     lightning.seed_everything(3, workers=True, verbose=False)
     assert forked(clean_env()), "a command of the tests' usual environment is forked"
+    assert forked(clean_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", PYTHONPATH=str(root))), "read when used, or applied"
     assert not forked(clean_env(HF_HOME=str(root))), "one read at import time is not"
 
 

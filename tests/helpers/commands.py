@@ -39,10 +39,11 @@ PRELOAD = ["tests.helpers.preload"]
 # Read when used, not when imported: a command may change them and fork. PYTEST_CURRENT_TEST names the test; MLflow's
 # own _MLFLOW_* note what a process of it has started (a telemetry session); Lightning's seed_everything notes its seed
 # for loader workers (PL_GLOBAL_SEED, PL_SEED_WORKERS), and torch's inductor its cache folder and private notes
-# (_TORCHINDUCTOR_*) when it first compiles.
+# (_TORCHINDUCTOR_*) when it first compiles. AWS_* are read when an S3 client is made (boto3, which nothing preloaded
+# imports). PYTHONPATH is read when an interpreter starts: the forked command puts it on sys.path as one would.
 FORKED_VARIABLES = (
     "MLFLOW_", "_MLFLOW_", "PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR",
-    "_TORCHINDUCTOR_",
+    "_TORCHINDUCTOR_", "AWS_", "PYTHONPATH",
 )  # fmt: skip
 FRESH = "PIPELINE_TESTS_FRESH_PROCESSES"
 
@@ -135,8 +136,12 @@ def forked(env: Mapping[str, str]) -> bool:
     if os.environ.get(FRESH) == "1":
         return False
     _forkserver()
-    changed = {name for name, _ in set(env.items()) ^ set(SESSION_ENV.items())} - (_set_by_imports or set())
-    return all(name.startswith(FORKED_VARIABLES) for name in changed)
+    return not_forkable({name for name, _ in set(env.items()) ^ set(SESSION_ENV.items())}) == set()
+
+
+def not_forkable(changed: set[str]) -> set[str]:
+    """Of the environment variables `changed` from the session's, those that send a command to a new interpreter."""
+    return {name for name in changed if not name.startswith(FORKED_VARIABLES)} - (_set_by_imports or set())
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
@@ -188,8 +193,10 @@ def _main(module: str, args: list[str], cwd: str, env: dict[str, str], stdout: s
         os.dup2(opened, fd)
     for opened in {empty, *outputs.values()}:
         os.close(opened)
-    sys.path.insert(0, cwd)  # as `python -m` puts the current folder first
+    # As `python -m` starts sys.path: the current folder, then PYTHONPATH's folders.
+    sys.path[:0] = [cwd, *(folder for folder in env.get("PYTHONPATH", "").split(os.pathsep) if folder)]
     sys.argv = [module, *args]
+    sys.orig_argv = [sys.executable, "-m", module, *args]  # what the interpreter was started with
     status = 0
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
