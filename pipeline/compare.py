@@ -218,7 +218,7 @@ def compare(cfg: DictConfig) -> Comparison:
 
     from pipeline.tracking import store
     from pipeline.tracking.provenance import KIND_TAG, run_tags
-    from pipeline.tracking.runs import recorded_status
+    from pipeline.tracking.status import recorded_status
 
     uri = str(cfg.logger.tracking_uri)
     store.prepare(uri, cfg.logger.http)

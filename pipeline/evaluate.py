@@ -197,8 +197,9 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     from pipeline.cam import class_activation_png
     from pipeline.plots import confusion_matrix_csv, confusion_matrix_png
     from pipeline.source import build_model, input_spec, load_source
-    from pipeline.tracking.logger import flatten
-    from pipeline.tracking.runs import log_files, recorded_status
+    from pipeline.tracking.naming import flatten
+    from pipeline.tracking.runs import log_files
+    from pipeline.tracking.status import recorded_status
     from pipeline.tracking.store import prepare
 
     split = str(cfg.split)

@@ -54,7 +54,8 @@ from pipeline.tracking.checkpoints import local_weights
 from pipeline.tracking.datasets import log_datasets
 from pipeline.tracking.logger import RecordedMLFlowLogger
 from pipeline.tracking.model import log_best_model
-from pipeline.tracking.runs import log_files, log_inputs, open_training_run, recorded_status
+from pipeline.tracking.runs import log_files, log_inputs, open_training_run
+from pipeline.tracking.status import recorded_status
 from pipeline.tracking.store import prepare
 
 

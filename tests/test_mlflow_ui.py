@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from pipeline.config import compose
-from pipeline.tracking.logger import flatten
+from pipeline.tracking.naming import flatten
 from tests.conftest import REPO, Served, clean_env, run_cli
 from tests.helpers.commands import run_module
 

@@ -110,14 +110,18 @@ def test_sweep_trials_are_named_by_their_values_and_their_command_trains_them_ag
     assert sorted(child.info.run_name[:5] for child in children) == [f"s/00{n}" for n in range(5)]
 
 
-def test_bad_search_space_fails_before_ray_starts(root: Path, ray_tmp: str) -> None:
-    process = isolated(
-        sweep_command(root, ray_tmp, "sweep.params={optim.lrr: 'interval(0.01, 0.1)'}"), root / "bad.log"
-    )
+def test_bad_search_space_fails_before_ray_starts_and_the_driver_imports_no_training(root: Path, ray_tmp: str) -> None:
+    """The driver composes, checks and opens runs; the trials train. It reaches the search space's check with the
+    sweep's tracking code imported, and neither Lightning nor torch (seconds of CPU a sweep would wait for)."""
+    python, *command = sweep_command(root, ray_tmp, "sweep.params={optim.lrr: 'interval(0.01, 0.1)'}")
+    process = isolated([python, "-X", "importtime", *command], root / "bad.log")
     assert process.wait(timeout=120) == 2
     output = (root / "bad.log").read_text()
     assert "'optim.lrr' is not a config key or group. Close matches: optim.lr" in output
     assert "Ray" not in output and not (root / "sweeps").exists()
+    imported = {line.rsplit("|", 1)[1].strip() for line in output.splitlines() if line.startswith("import time:")}
+    assert "pipeline.sweep.tracking" in imported and "pipeline.tracking.status" in imported
+    assert not imported & {"lightning", "torch", "timm", "pipeline.run"}, "the driver imported the training"
 
 
 def test_sweep_whose_every_trial_fails_fails_and_names_no_best_trial(root: Path, ray_tmp: str) -> None:

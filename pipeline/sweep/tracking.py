@@ -13,10 +13,10 @@ from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 
 from pipeline.sweep.state import SweepState
-from pipeline.tracking.logger import flatten
+from pipeline.tracking.naming import flatten
 from pipeline.tracking.processes import CLOSED_TAG, PROCESS_TAG, process_tag
 from pipeline.tracking.record import MAX_PARAM_LENGTH, MAX_PARAMS_PER_CALL, chunks, find_record, send_unsent
-from pipeline.tracking.runs import recorded_status
+from pipeline.tracking.status import recorded_status
 from pipeline.tracking.store import artifact_location, ensure_experiment, make_store_folder
 
 

@@ -30,6 +30,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline import internals
+from pipeline.tracking.naming import flatten
 from pipeline.tracking.processes import CLOSED_TAG, PROCESS_TAG, process_tag
 from pipeline.tracking.record import (
     MAX_METRICS_PER_CALL,
@@ -290,15 +291,3 @@ class RecordedMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         """Nothing: Lightning would end the run after fit; recorded_status ends it once, after the test."""
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 0.1}} → {'optim.lr': 0.1}: the keys a user types as overrides."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat

@@ -177,6 +177,16 @@ def hydra_overrides() -> list[str] | None:
 
 
 def _flat(cfg: DictConfig) -> dict[str, Any]:
-    from pipeline.tracking.logger import flatten  # Lightning's logger: imported when a run is named, not before
-
     return flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} → {'optim.lr': 0.1}: the keys a user types as overrides."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,10 +1,9 @@
-"""A run opened before any work, its inputs and files logged, and its end recorded with an honest status."""
+"""A run opened before any work, and its inputs and files logged (its end: pipeline.tracking.status)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,8 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.tracking import naming
-from pipeline.tracking.logger import SENT_ERRORS, RecordedMLFlowLogger, flatten
+from pipeline.tracking.logger import SENT_ERRORS, RecordedMLFlowLogger
+from pipeline.tracking.naming import flatten
 from pipeline.tracking.provenance import run_tags
 from pipeline.tracking.store import TrackingError, artifact_location, ensure_experiment, make_store_folder
 
@@ -145,35 +145,3 @@ def log_files(logger: RecordedMLFlowLogger, files: Mapping[str, Path]) -> None:
     """Upload each file into the run's artifact folder named by its key."""
     for folder, path in files.items():
         logger.log_artifact(Path(path), folder)
-
-
-@contextmanager
-def recorded_status(
-    end: Callable[[str], None],
-    note: Callable[[str], None] | None = None,
-    interrupted: Callable[[BaseException], None] | None = None,
-) -> Iterator[None]:
-    """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any error): never left RUNNING. `note` is given the
-    reason of a failure (the error's type and first line) before the run is ended; `interrupted`, what stopped a
-    killed run, once it is ended."""
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit) as stop:
-        end("KILLED")
-        if interrupted is not None:
-            with suppress(Exception):  # saying how to continue must not hide what stopped the run
-                interrupted(stop)
-        raise
-    except BaseException as error:
-        if note is not None:
-            with suppress(Exception):  # the store may be what failed: the error to report is the run's own
-                note(failure_reason(error))
-        end("FAILED")
-        raise
-    end("FINISHED")
-
-
-def failure_reason(error: BaseException) -> str:
-    """`<type>: <first line of the message>`, short enough for an MLflow tag."""
-    lines = str(error).strip().splitlines()
-    return (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)[:500]
