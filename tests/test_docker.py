@@ -27,6 +27,7 @@ from tests.helpers import docker_engine
 from tests.helpers.isolation import run_isolated
 from tests.helpers.mlflow_server import Served
 from tests.helpers.postgres import Database
+from tests.helpers.sweeps import parent_and_trials
 
 DOCKER = REPO / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
@@ -204,8 +205,7 @@ mkdir -p {root}/work {root}/home && cd {root}/work   # the image's WORKDIR /work
 
     client = mlflow.MlflowClient(tracking_server.url)  # the host's server, on the same database
     runs = client.search_runs([client.get_experiment_by_name("compose").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
-    (trial,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    parent, (trial,) = parent_and_trials(runs)
     assert parent.info.status == trial.info.status == "FINISHED"
     assert len(client.get_metric_history(trial.info.run_id, "val/acc")) == 2
     assert (root / "work" / "sweeps" / "s" / "best_config.yaml").exists(), "sweep storage under the WORKDIR"

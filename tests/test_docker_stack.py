@@ -26,7 +26,7 @@ from tests.conftest import REPO
 from tests.helpers.docker_base import base_image
 from tests.helpers.docker_engine import CACHE, Engine, Unavailable, cannot_run, compose_command, engine
 from tests.helpers.mlflow_server import free_port
-from tests.helpers.sweeps import wait_for
+from tests.helpers.sweeps import parent_and_trials, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.skipif(bool(cannot_run()), reason=str(cannot_run()))]
 
@@ -157,10 +157,9 @@ def children(client: mlflow.MlflowClient) -> tuple[mlflow.entities.Run | None, l
     if experiment is None:
         return None, []
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
-    parent = parents[0] if parents else None
-    kids = [r for r in runs if parent and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return parent, kids
+    if not any(r.data.tags.get("sweep.role") == "parent" for r in runs):
+        return None, []
+    return parent_and_trials(runs)
 
 
 def test_sweep_spreads_over_both_workers_and_finishes_when_one_is_killed(stack: Stack) -> None:

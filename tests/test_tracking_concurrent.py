@@ -31,6 +31,7 @@ from tests.helpers.commands import start_module
 from tests.helpers.isolation import isolated
 from tests.helpers.mlflow_server import Served
 from tests.helpers.postgres import Database
+from tests.helpers.sweeps import parent_and_trials
 
 pytestmark = pytest.mark.e2e
 
@@ -140,8 +141,7 @@ def test_trainings_and_a_sweep_at_once_lose_no_metric_point(concurrent: Outcome)
     if concurrent.sweep_log is None:
         pytest.skip("the sweep part needs root (network namespaces)")
     swept = runs(client, "concurrent-sweep")  # logged through the namespace's server, read through this one
-    (parent,) = [r for r in swept if r.data.tags.get("sweep.role") == "parent"]
-    trials = [r for r in swept if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    parent, trials = parent_and_trials(swept)
     assert parent.info.status == "FINISHED" and len(trials) == 2
     for trial in trials:
         assert trial.info.status == "FINISHED"

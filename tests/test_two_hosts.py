@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import QUIET, clean_env
 from tests.helpers.hosts import Host, can_make_hosts, start_tracking_server, two_hosts, wait_for_server
 from tests.helpers.postgres import Database
+from tests.helpers.sweeps import parent_and_trials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_make_hosts() is not None, reason=str(can_make_hosts()))]
 
@@ -59,8 +60,7 @@ class Cluster:
         """Sweep `name`'s parent run and its trials' runs, read from the server's database."""
         experiment = client.get_experiment_by_name("two-hosts")
         everything = client.search_runs([experiment.experiment_id], f"tags.`sweep.name` = '{name}'")
-        (parent,) = [r for r in everything if r.data.tags.get("sweep.role") == "parent"]
-        return parent, [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        return parent_and_trials(everything)
 
 
 @pytest.fixture(scope="module")

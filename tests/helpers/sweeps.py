@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,10 +51,13 @@ def sweep_command(root: Path, ray_tmp: str, *overrides: str) -> list[str]:
 def runs(root: Path) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
     """The sweep's parent run and its children."""
     client = mlflow.MlflowClient(store_uri(root))
-    everything = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
-    (parent,) = [r for r in everything if r.data.tags.get("sweep.role") == "parent"]
-    children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return parent, children
+    return parent_and_trials(client.search_runs([client.get_experiment_by_name("digits").experiment_id]))
+
+
+def parent_and_trials(runs: Sequence[mlflow.entities.Run]) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
+    """The one sweep's parent run among `runs`, and its trials' runs (nested under it)."""
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
 def epochs_logged(root: Path, run: mlflow.entities.Run) -> list[int]:
