@@ -1,5 +1,5 @@
-"""Start-up: `pipeline.train --help`, and the time from a fresh interpreter to the first training step, against
-`python -c "import torch"` as the floor.
+"""Start-up: `pipeline.train --help`, a mistake reported by `pipeline.train` and by `pipeline.sweep`, and the time from
+a fresh interpreter to the first training step, against `python -c "import torch"` as the floor.
 
     .venv/bin/python benchmarks/startup.py [--repeats 5]
 
@@ -57,6 +57,7 @@ def main() -> None:
         "python -c 'import pipeline.run'": [],
         "pipeline.train --help": [],
         "pipeline.train optim.lr=-1 (the error)": [],
+        "pipeline.sweep, a search-space mistake (the error)": [],
         "first step, new MLflow store": [],
         "first step, existing store": [],
     }
@@ -70,6 +71,12 @@ def main() -> None:
             subprocess.run([python, "-m", "pipeline.train", "optim.lr=-1", f"paths.root={root}"], cwd=REPO,
                            capture_output=True)  # fmt: skip
             rows["pipeline.train optim.lr=-1 (the error)"].append(time.perf_counter() - start)
+            # The sweep driver composes, checks the search space (with its tracking code imported), and stops there:
+            # before Ray starts, so no network namespace is needed.
+            start = time.perf_counter()
+            subprocess.run([python, "-m", "pipeline.sweep", "sweep.params={optim.lrr: 'interval(0.01, 0.1)'}",
+                            f"paths.root={root}"], cwd=REPO, capture_output=True)  # fmt: skip
+            rows["pipeline.sweep, a search-space mistake (the error)"].append(time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as root:
             # The first run in a folder creates the sqlite store (MLflow runs its schema migrations); later ones
             # open it, as every run after a user's first does.
