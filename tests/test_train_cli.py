@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import mlflow
 import pytest
 from PIL import Image
 
-from tests.conftest import clean_env, run_cli, store_uri
-from tests.helpers.commands import FRESH, forked
+from tests.conftest import REPO, clean_env, run_cli, store_uri
+from tests.helpers.commands import FRESH, forked, run_module
 
 pytestmark = pytest.mark.e2e
 
@@ -205,6 +206,19 @@ def test_commands_stay_forked_after_the_test_process_has_used_the_libraries(
     assert forked(clean_env()), "a command of the tests' usual environment is forked"
     assert forked(clean_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", PYTHONPATH=str(root))), "read when used, or applied"
     assert not forked(clean_env(HF_HOME=str(root))), "one read at import time is not"
+
+
+def test_a_forked_command_starts_as_a_new_interpreter_does(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a command's process starts with, beyond its output: its arguments as the interpreter saw them, where it
+    runs, what signals it gets, and how it starts processes of its own (a forked command had inherited the
+    forkserver's start method, so its DataLoader workers went through the test's preloaded server)."""
+    arguments, env = ["paths.root=x", "--flag"], clean_env(PYTHONPATH=str(REPO))  # run elsewhere than the checkout
+    forked = run_module("tests.helpers.process_facts", arguments, cwd=root, env=env, timeout=60)
+    monkeypatch.setenv(FRESH, "1")
+    fresh = run_module("tests.helpers.process_facts", arguments, cwd=root, env=env, timeout=60)
+    assert forked.returncode == fresh.returncode == 0, forked.stderr[-3000:] + fresh.stderr[-3000:]
+    assert json.loads(forked.stdout) == json.loads(fresh.stdout)
+    assert json.loads(fresh.stdout)["multiprocessing start method"] is None, "Linux then forks"
 
 
 @pytest.mark.parametrize(

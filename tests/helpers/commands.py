@@ -158,13 +158,17 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
         try:
             warm = context.Process(target=_send_environment, args=(send,))  # starts the server, which imports PRELOAD
             warm.start()
-            server = receive.recv()
+            send.close()  # the child holds its own end now: if it dies before it sends, recv ends instead of waiting
+            try:
+                server = receive.recv()
+            except EOFError:
+                warm.join()
+                raise RuntimeError(f"the preloaded process died before it reported (exit {warm.exitcode})") from None
             warm.join()
         finally:
             os.environ.clear()
             os.environ.update(saved)
             receive.close()
-            send.close()
         _set_by_imports = {name for name in {*server, *SESSION_ENV} if server.get(name) != SESSION_ENV.get(name)}
     return context
 
@@ -182,6 +186,10 @@ def _read(path: Path) -> str:
 def _main(module: str, args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
     """In the forked process: become `python -m module *args` and exit as it would."""
     as_from_a_terminal()
+    # A process the forkserver starts inherits its start method (forkserver); a new interpreter has none chosen, so
+    # its DataLoader workers and other multiprocessing children are forked from it. Without this, each loader worker
+    # of a forked command was started through the test's preloaded server: seconds each, and not what users run.
+    multiprocessing.set_start_method(None, force=True)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
