@@ -4,12 +4,13 @@ trained by two DDP workers still make one MLflow child run each. (Across two hos
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env
+from tests.conftest import REPO, clean_env
 from tests.helpers.isolation import run_isolated
 from tests.helpers.sweeps import ROOT_ONLY, epochs_logged, runs, sweep_command, trial_table
 
@@ -68,3 +69,22 @@ def test_a_trial_spread_over_two_ddp_workers_makes_one_mlflow_child(root: Path, 
         steps = epochs_logged(root, child)
         assert len(steps) == len(set(steps)) == 2, "one validation per epoch, logged once"
     assert {row["outcome"] for row in trial_table(root)} == {"completed"}
+
+
+# What the process of a trial spread over workers imports (pipeline.sweep.trial's train_trial, up to the hand-over to
+# pipeline.sweep.workers), then what of the training it holds.
+TRIAL_PROCESS_IMPORTS = """
+import sys
+import pipeline.sweep.trial, pipeline.sweep.space, pipeline.sweep.tracking, pipeline.tracking.naming
+import pipeline.sweep.workers
+print(sorted(name for name in ("lightning", "timm", "pipeline.run", "mlflow.pytorch") if name in sys.modules))
+"""
+
+
+def test_a_trial_spread_over_workers_only_drives_them_and_imports_no_training() -> None:
+    """The workers train and import Lightning; the trial's own process builds the TorchTrainer and waits."""
+    done = subprocess.run(
+        [sys.executable, "-c", TRIAL_PROCESS_IMPORTS], cwd=REPO, env=clean_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", done.stdout

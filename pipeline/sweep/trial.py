@@ -25,9 +25,7 @@ def train_trial(config: dict[str, Any], state: dict[str, Any]) -> None:
     import ray
     import torch
     from ray import tune
-    from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
-    from pipeline.run import run
     from pipeline.sweep.space import override_text
     from pipeline.sweep.tracking import find_child_run
     from pipeline.tracking.naming import train_command, trial_name
@@ -69,6 +67,12 @@ def train_trial(config: dict[str, Any], state: dict[str, Any]) -> None:
 
         train_on_workers(cfg, sweep.settings, sweep.folder, reported)
         return
+    # Only a trial that trains in its own process imports the training (Lightning, timm: seconds of CPU); one spread
+    # over workers only drives them, and they import it.
+    from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
+
+    from pipeline.run import run
+
     report = TuneReportCheckpointCallback(metrics=reported, filename=TRIAL_CHECKPOINT, on="train_epoch_end")
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

@@ -1,29 +1,25 @@
 """A sweep trial spread over several Ray Train workers: one DDP run per trial, over any nodes of the cluster.
 
-The Tune trial only drives a TorchTrainer; each worker calls the same run(cfg) as one rank of Lightning's Ray
-DDP strategy, reports every epoch to Ray Train, and Ray Train passes the reports on to the Tune trial, so ASHA,
-the trial table and MLflow see the trial as they see a one-process trial.
+The Tune trial only drives a TorchTrainer (and so imports no Lightning); each worker calls the same run(cfg) as one
+rank of Lightning's Ray DDP strategy, reports every epoch to Ray Train (pipeline.sweep.worker_callbacks), and Ray Train
+passes the reports on to the Tune trial, so ASHA, the trial table and MLflow see the trial as they see a one-process
+trial.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import ray.train
 import torch
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from ray import tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pipeline.run import run
 from pipeline.sweep.state import TRIAL_CHECKPOINT
-from pipeline.tracking.logger import RecordedMLFlowLogger
 
 
 def train_on_workers(cfg: DictConfig, settings: dict[str, Any], folder: str, reported: dict[str, str]) -> None:
@@ -59,6 +55,10 @@ def train_on_workers(cfg: DictConfig, settings: dict[str, Any], folder: str, rep
 
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker of a trial: run(cfg) as one rank of a DDP run, resumed from the trial's last report."""
+    # Imported here, in the worker: the trial's own process only drives the workers and need not load the training.
+    from pipeline.run import run
+    from pipeline.sweep.worker_callbacks import EpochReport, WorkerHosts
+
     torch.set_num_threads(config["threads"])
     cfg = OmegaConf.create(config["cfg"])
     callbacks = [EpochReport(config["reported"]), WorkerHosts()]
@@ -69,29 +69,3 @@ def train_worker(config: dict[str, Any]) -> None:
     with checkpoint.as_directory() as folder:
         cfg.resume = str(Path(folder) / TRIAL_CHECKPOINT)
         run(cfg, callbacks=callbacks)
-
-
-class EpochReport(Callback):
-    """Every rank reports each epoch's metrics to Ray Train; the first also gives the checkpoint to resume from."""
-
-    def __init__(self, reported: dict[str, str]) -> None:
-        self.reported = reported
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logged = trainer.callback_metrics
-        metrics = {key: float(logged[name]) for key, name in self.reported.items() if name in logged}
-        with tempfile.TemporaryDirectory() as folder:
-            trainer.save_checkpoint(Path(folder) / TRIAL_CHECKPOINT)  # written by the first rank only
-            checkpoint = ray.train.Checkpoint.from_directory(folder) if trainer.is_global_zero else None
-            ray.train.report(metrics, checkpoint=checkpoint)
-
-
-class WorkerHosts(Callback):
-    """The trial's run is tagged with the address of every worker's host, in rank order (`sweep.worker_hosts`): where
-    the trial trained."""
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        hosts: list[str | None] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(hosts, ray.util.get_node_ip_address())
-        if trainer.is_global_zero and isinstance(trainer.logger, RecordedMLFlowLogger):
-            trainer.logger.set_tag("sweep.worker_hosts", ",".join(str(host) for host in hosts))
