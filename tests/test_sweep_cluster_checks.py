@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from pipeline.errors import UserInputError
 from pipeline.sweep.cluster import store_problem
+from pipeline.sweep.driver import check_resources
 from pipeline.tracking.store import only_this_host
 from tests.conftest import run_cli
 
@@ -46,3 +50,27 @@ def test_a_relative_data_root_on_a_cluster_is_refused_before_ray_is_reached(root
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "data.root=images is a relative path" in done.stderr and "Give an absolute path" in done.stderr
     assert not (root / "sweeps").exists(), "nothing of a sweep was written"
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ({"workers_per_trial": "two"}, "sweep.resources.workers_per_trial='two': must be an integer >= 1"),
+        ({"workers_per_trial": 0}, "sweep.resources.workers_per_trial=0: must be an integer >= 1"),
+        ({"cpu": 0}, "sweep.resources.cpu=0: must be a number > 0"),
+        ({"gpu": -1}, "sweep.resources.gpu=-1: must be a number >= 0"),
+    ],
+)
+def test_resources_that_cannot_work_are_named(resources: dict[str, object], message: str) -> None:
+    cfg = OmegaConf.create({"sweep": {"resources": {"cpu": 1, "gpu": 0, "workers_per_trial": 1, **resources}}})
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        check_resources(cfg)
+    check_resources(OmegaConf.create({"sweep": {"resources": {"cpu": 0.5, "gpu": 0.25, "workers_per_trial": 2}}}))
+
+
+@pytest.mark.e2e
+def test_a_word_for_a_number_of_workers_is_refused_before_ray_is_reached(root: Path) -> None:
+    done = run_cli("pipeline.sweep", "sweep.resources.workers_per_trial=two", root=root)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "error: sweep.resources.workers_per_trial='two': must be an integer >= 1" in done.stderr
+    assert "Ray" not in done.stdout + done.stderr and not (root / "sweeps").exists(), "nothing of a sweep started"

@@ -123,6 +123,23 @@ def write_best_config(state: SweepState, best_overrides: list[str]) -> Path:
     return path
 
 
+def check_resources(cfg: DictConfig) -> None:
+    """sweep.resources, checked before any work: Ray would otherwise start, the sweep's run open, and the values fail
+    inside Tune (a word) or be taken silently (workers_per_trial=0 ran trials in one process)."""
+    resources = cfg.sweep.resources
+    problems = []
+    workers = resources.workers_per_trial
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        problems.append(f"sweep.resources.workers_per_trial={workers!r}: must be an integer >= 1 (e.g. 2)")
+    for key, least in (("cpu", "> 0"), ("gpu", ">= 0")):
+        value = resources[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (value <= 0 if key == "cpu" else value < 0):
+            problems.append(f"sweep.resources.{key}={value!r}: must be a number {least} (e.g. sweep.resources.{key}=1)")
+    if problems:
+        raise UserInputError("\n".join(problems))
+
+
 def registration_name(cfg: DictConfig) -> str | None:
     """sweep.register_best, checked before any work."""
     name = cfg.sweep.get("register_best")
@@ -170,6 +187,7 @@ def run_sweep(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
     from pipeline.tracking.store import prepare
 
     registered_name = registration_name(cfg)
+    check_resources(cfg)
     check_data_root(cfg)
     resuming = cfg.resume is not None
     state = SweepState.load(locate(cfg.resume, cfg.sweep.storage_path)) if resuming else new_state(cfg, cli_overrides)
