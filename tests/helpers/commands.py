@@ -141,7 +141,10 @@ def forked(env: Mapping[str, str]) -> bool:
 
 def not_forkable(changed: set[str]) -> set[str]:
     """Of the environment variables `changed` from the session's, those that send a command to a new interpreter."""
-    return {name for name in changed if not name.startswith(FORKED_VARIABLES)} - (_set_by_imports or set())
+    left = {name for name in changed if not name.startswith(FORKED_VARIABLES)}
+    if left:
+        _forkserver()  # learns what the imports set themselves (scikit-learn's KMP_*), if no command has started it yet
+    return left - (_set_by_imports or set())
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:

@@ -28,11 +28,14 @@ def run_isolated(argv: Sequence[str], log: Path, timeout: float, env: dict[str, 
     """Run `argv` isolated to completion; returns its output. Fails the test on a non-zero exit."""
     process = isolated(argv, log, env)
     try:
-        code = process.wait(timeout=timeout)
+        code: int | None = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None  # the failure below shows how far it got: a bare TimeoutExpired shows nothing of the log
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     output = log.read_text(errors="replace")
+    assert code is not None, f"still running after {timeout:.0f} s, killed:\n{output[-8000:]}"
     assert code == 0, f"exit {code}:\n{output[-4000:]}"
     return output
