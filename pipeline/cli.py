@@ -82,10 +82,16 @@ def hydra_command(main: Callable[[], Any]) -> None:
 
 
 class CommandChecks(HydraCallback):
-    """Hydra callback (hydra.callbacks in conf/train.yaml): the output folder is checked before Hydra makes it, and
-    the job's own errors get Hydra's usual report (see hydra_command)."""
+    """Hydra callback (hydra.callbacks.checks in every command's config): the output folder is checked before Hydra
+    makes it (`output_folder: false` for a command that writes none), and the job's own errors get Hydra's usual
+    report (see hydra_command)."""
+
+    def __init__(self, output_folder: bool = True) -> None:
+        self.output_folder = output_folder
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.output_folder:
+            return
         with user_errors():
             check_output_folder(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
 

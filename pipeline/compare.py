@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import adopt_output_folder, user_errors
+from pipeline.cli import adopt_output_folder, hydra_command, user_errors
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -338,4 +338,4 @@ def experiment_as_value(argv: Sequence[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = experiment_as_value(sys.argv)
-    main()
+    hydra_command(main)

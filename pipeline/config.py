@@ -264,6 +264,8 @@ IMPLIED_TARGETS = {"trainer": "lightning.pytorch.Trainer"}
 # optim keys the pipeline reads itself (LR scaling, timm's parameter groups); the rest go to the optimizer.
 OPTIM_KEYS_OF_OURS = ("lr_base", "lr_scale", "filter_bias_and_bn", "layer_decay")
 NOT_ARGUMENTS = {"optim": OPTIM_KEYS_OF_OURS}
+# Nodes whose every key is passed on (a model's constructor arguments, checked once composed; the run's tags).
+OPEN_NODES = ("model.kwargs", "logger.tags")
 AUG_CHECK_SIZE = (32, 32)  # the augmentation is checked before the model gives its input size
 
 
@@ -350,15 +352,16 @@ def _unknown_key(message: str, parent: DictConfig, full_key: str) -> str:
         except AugmentationError as error:
             return str(error)
         return f"{full_key}: the augmentation does not list {key}; add it with +{override}"
-    keys = [str(k) for k in parent if not str(k).startswith("_")]
+    keys = [str(k) for k in parent if not str(k).startswith("_") and (path or k != "hydra")]  # hydra: Hydra's own
     target = parent.get("_target_") if "_target_" in parent else IMPLIED_TARGETS.get(path)
     accepted = _arguments(target) if isinstance(target, str) else None
     where = path or "the config"
     if accepted is not None and key in accepted:
         return f"{override}: {where} does not list {key!r}, but {target} takes it: add it with +{override}"
     hint = _suggest(key, [*keys, *(accepted or ())], path)
-    if accepted is None:  # nothing says which keys it may take (model.kwargs are checked once composed)
+    if accepted is None and (isinstance(target, str) or path in OPEN_NODES):  # it may take keys it does not list
         return f"{override}: {where} has no key {key!r}.{hint} To add a key it does not list: +{override}"
+    # A node the commands read themselves (preview, sweep, the top level): a key added with + would only be ignored.
     listed = "" if hint else f" It has: {', '.join(keys)}."
     return f"{override}: {where} has no key {key!r}.{hint}{listed}"
 

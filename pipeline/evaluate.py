@@ -27,7 +27,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.cli import command, exit_after, metrics_table, progress_bar
+from pipeline.cli import command, exit_after, hydra_command, metrics_table, progress_bar
 from pipeline.config import CONF_DIR, validate
 from pipeline.errors import UserInputError
 from pipeline.plots import SHOWN_CLASSES
@@ -295,4 +295,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_after(main)
+    exit_after(lambda: hydra_command(main))

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli import user_errors
+from pipeline.cli import hydra_command, user_errors
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -88,4 +88,4 @@ if __name__ == "__main__":
         arguments = sys.argv[sys.argv.index("--list") + 1 :]
         list_models(arguments[0] if arguments else "*")
     else:
-        main()
+        hydra_command(main)

@@ -21,7 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import command, exit_after
+from pipeline.cli import command, exit_after, hydra_command
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 
@@ -140,4 +140,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_after(main)
+    exit_after(lambda: hydra_command(main))

@@ -19,6 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.cli import hydra_command
 from pipeline.config import CONF_DIR
 from pipeline.errors import UserInputError
 from pipeline.sweep.driver import SweepFailed, run_sweep
@@ -47,4 +48,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)
