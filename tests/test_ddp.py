@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from tests.conftest import QUIET, run_cli, store_uri
-from tests.helpers.isolation import isolated, run_isolated
+from tests.helpers.isolation import isolated, processes_beside, run_isolated
 
 pytestmark = [
     pytest.mark.e2e,
@@ -50,18 +50,6 @@ def test_ddp_cpu_makes_one_run_with_global_metrics_like_a_single_process(root: P
     assert abs(run.data.metrics["test/acc"] - reference.data.metrics["test/acc"]) < 0.05
 
 
-def rank_processes(marker: bytes) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
 def test_a_dead_rank_fails_the_whole_run_promptly(root: Path) -> None:
     process = isolated(train(root, "trainer=ddp_cpu", "trainer.max_epochs=200"), root / "ddp.log")
     try:
@@ -69,7 +57,7 @@ def test_a_dead_rank_fails_the_whole_run_promptly(root: Path) -> None:
         while not list(root.glob("outputs/*/*/checkpoints/last.ckpt")):  # training is under way
             assert process.poll() is None and time.monotonic() < deadline, (root / "ddp.log").read_text()[-3000:]
             time.sleep(0.5)
-        (rank_one,) = rank_processes(b"train_ddp_process_1")
+        (rank_one,) = processes_beside(process.pid, b"train_ddp_process_1")
         os.kill(rank_one, signal.SIGKILL)
         started = time.monotonic()
         code = process.wait(timeout=120)

@@ -11,23 +11,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.isolation import isolated, run_isolated
-from tests.helpers.sweeps import ROOT_ONLY, epochs_logged, runs, sweep_command, trial_checkpoints, wait_for
+from tests.helpers.sweeps import (
+    ROOT_ONLY,
+    epochs_logged,
+    runs,
+    sweep_command,
+    trial_checkpoints,
+    trial_processes,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, ROOT_ONLY]
-
-
-def trial_processes() -> list[int]:
-    """Ray worker processes running a trial (visible from here: only the network namespace is private)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"ImplicitFunc" in command or b"train_trial" in command:
-                pids.append(int(entry.name))
-    return pids
 
 
 def test_killed_trial_is_retried_from_its_checkpoint(root: Path, ray_tmp: str) -> None:
@@ -37,8 +31,8 @@ def test_killed_trial_is_retried_from_its_checkpoint(root: Path, ray_tmp: str) -
     )  # fmt: skip
     process = isolated(command, root / "sweep.log")
     try:
-        wait_for(lambda: trial_checkpoints(root) and trial_processes(), 240, "a trial's first checkpoint")
-        for pid in trial_processes():
+        wait_for(lambda: trial_checkpoints(root) and trial_processes(process), 240, "a trial's first checkpoint")
+        for pid in trial_processes(process):
             os.kill(pid, signal.SIGKILL)
         assert process.wait(timeout=300) == 0, (root / "sweep.log").read_text()[-4000:]
     finally:

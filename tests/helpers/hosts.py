@@ -21,6 +21,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers.isolation import processes_beside
+
 SUBNET = "10.77.0"  # the private test subnet: these two addresses and loopback are all the hosts use
 
 
@@ -47,16 +49,7 @@ class Host:
     def processes(self, marker: bytes) -> list[int]:
         """This machine's PIDs of the processes on this host whose command line holds `marker` (for a test to kill,
         as a host's failure would)."""
-        network = os.readlink(f"/proc/{self.init_pid}/ns/net")
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.readlink(entry / "ns" / "net") == network and marker in (entry / "cmdline").read_bytes():
-                        found.append(int(entry.name))
-                except OSError:  # gone meanwhile
-                    continue
-        return found
+        return processes_beside(self.init_pid, marker)
 
     def start(self, argv: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as output:

@@ -4,6 +4,7 @@ one PID it holds."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,3 +40,18 @@ def run_isolated(argv: Sequence[str], log: Path, timeout: float, env: dict[str, 
     assert code is not None, f"still running after {timeout:.0f} s, killed:\n{output[-8000:]}"
     assert code == 0, f"exit {code}:\n{output[-4000:]}"
     return output
+
+
+def processes_beside(pid: int, marker: bytes) -> list[int]:
+    """This machine's PIDs of the processes in the network namespace of process `pid` (an isolated command: its
+    processes and no other test's, for a test that kills one) whose command line holds `marker`."""
+    network = os.readlink(f"/proc/{pid}/ns/net")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "ns" / "net") == network and marker in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+    return found

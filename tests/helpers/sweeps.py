@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ import mlflow
 import pytest
 
 from tests.conftest import QUIET, store_uri
+from tests.helpers.isolation import processes_beside
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (Ray's isolation) need root")
 
@@ -72,6 +74,12 @@ def trial_table(root: Path) -> list[dict[str, str]]:
 
 def trial_checkpoints(root: Path) -> list[Path]:
     return list((root / "sweeps" / "s").glob("train_trial_*/checkpoint_*"))
+
+
+def trial_processes(sweep: subprocess.Popen[bytes]) -> list[int]:
+    """The Ray worker processes running a trial of the isolated `sweep` (only its network namespace is private: /proc
+    shows them here, beside every other test's)."""
+    return [*processes_beside(sweep.pid, b"ImplicitFunc"), *processes_beside(sweep.pid, b"train_trial")]
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
