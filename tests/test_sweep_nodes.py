@@ -4,6 +4,8 @@ trained by two DDP workers still make one MLflow child run each. (Across two hos
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, clean_env
-from tests.helpers.isolation import run_isolated
-from tests.helpers.sweeps import ROOT_ONLY, epochs_logged, runs, sweep_command, trial_table
+from tests.helpers.isolation import isolated, processes_beside, run_isolated
+from tests.helpers.sweeps import (
+    ROOT_ONLY,
+    epochs_logged,
+    runs,
+    sweep_command,
+    trial_processes,
+    trial_table,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, ROOT_ONLY]
 
@@ -55,11 +65,26 @@ set -e
     assert len({child.data.tags["sweep.node_id"] for child in children}) == 2, "one trial on each node"
 
 
-def test_a_trial_spread_over_two_ddp_workers_makes_one_mlflow_child(root: Path, ray_tmp: str) -> None:
+def test_a_trial_spread_over_two_ddp_workers_makes_one_mlflow_child_even_when_killed_as_they_start(
+    root: Path, ray_tmp: str
+) -> None:
+    """The trial's process is killed as its workers start: Ray keeps the placement group that holds their CPUs (its
+    maker, Ray Train's controller, died with the trial, the sweep's job did not), and without the driver releasing it
+    the retry waited for CPUs forever."""
     overrides = ("sweep=lr_wd", "sweep.num_samples=1", "sweep.scheduler=fifo")
     workers = ("sweep.resources.workers_per_trial=2", "sweep.resources.cpu=0.5", "trainer.max_epochs=2")
     workers += ("trainer.limit_test_batches=null",)
-    run_isolated(sweep_command(root, ray_tmp, *overrides, *workers), root / "sweep.log", timeout=420)
+    log = root / "sweep.log"
+    sweep = isolated(sweep_command(root, ray_tmp, *overrides, *workers), log)
+    try:
+        wait_for(lambda: processes_beside(sweep.pid, b"RayTrainWorker"), 240, "the trial's workers")
+        for pid in trial_processes(sweep):
+            os.kill(pid, signal.SIGKILL)
+        assert sweep.wait(timeout=300) == 0, log.read_text(errors="replace")[-4000:]
+    finally:
+        sweep.kill()
+        sweep.wait()
+    assert "Released the resources held for the workers of 1 trial(s) whose process died." in log.read_text()
     parent, children = runs(root)
     assert parent.info.status == "FINISHED"
     assert len(children) == 1, "one MLflow run for the trial, however many workers trained it"

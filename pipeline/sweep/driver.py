@@ -46,6 +46,8 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from pipeline.sweep.placement import ReleaseOrphanedWorkers
+
     settings = state.settings
     resources = settings["resources"]
     # A trial spread over Ray Train workers only drives them: the workers ask for the CPUs and GPUs, the trial
@@ -92,6 +94,7 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
             storage_path=str(Path(state.folder).parent),
             failure_config=tune.FailureConfig(max_failures=settings["max_failures"]),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[ReleaseOrphanedWorkers()] if spread else None,
         ),
     )
 
