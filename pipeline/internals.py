@@ -14,7 +14,9 @@ each one and says what changed and where it is used.
   process_tracking_uri    pipeline.register: MLflow's process-wide tracking URI set for a block, then restored
 
 timm's `feature_take_indices` (how a model reads the levels asked of `forward_intermediates`) is held by
-pipeline/models/features.py instead: the models must not import Lightning, which this module does.
+pipeline/models/features.py instead: the models must not import Lightning, which this module does. Likewise Ray's
+placement-group table (which actor made each group) is read by pipeline/sweep/placement.py, for the sweep driver,
+which imports no Lightning; tests/test_sweep_placement.py checks it.
 """
 
 from __future__ import annotations
