@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 HYDRA_FULL_ERROR = "HYDRA_FULL_ERROR"  # set to 1, Hydra raises errors instead of printing them itself
 _composing = False  # hydra_command set HYDRA_FULL_ERROR until the job starts (CommandChecks.on_job_start)
+_users_full_error: str | None = None  # the user's own HYDRA_FULL_ERROR (not "1"), given back when the job starts
 
 
 _exit_status: int | None = None  # set by exit_after: the status this process is exiting with
@@ -61,12 +62,13 @@ def _end_without_teardown() -> None:
 def hydra_command(main: Callable[[], Any]) -> None:
     """Run a @hydra.main function. A config Hydra cannot compose — an unknown key, group option or syntax — ends
     with `error: <what, and the close matches of a mistyped key>` and exit status 2, not Hydra's exit 1."""
-    global _composing
+    global _composing, _users_full_error
     if os.environ.get(HYDRA_FULL_ERROR) == "1":  # the user asked for Hydra's raw errors
         main()
         return
     # Hydra prints a composition error and exits before anything of ours runs; raised, it can be explained here.
-    # Errors of the job itself keep Hydra's own report: CommandChecks.on_job_start unsets the variable.
+    # Errors of the job itself keep Hydra's own report: CommandChecks.on_job_start gives the variable back.
+    _users_full_error = os.environ.get(HYDRA_FULL_ERROR)
     os.environ[HYDRA_FULL_ERROR], _composing = "1", True
     try:
         main()
@@ -76,15 +78,25 @@ def hydra_command(main: Callable[[], Any]) -> None:
         print(f"error: {composition_error(error)}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if _composing:
-            os.environ.pop(HYDRA_FULL_ERROR, None)
-            _composing = False
+        _give_back_full_error()
+
+
+def _give_back_full_error() -> None:
+    """HYDRA_FULL_ERROR as the user had it (unset, or their own value), once composing is over."""
+    global _composing
+    if not _composing:
+        return
+    if _users_full_error is None:
+        os.environ.pop(HYDRA_FULL_ERROR, None)
+    else:
+        os.environ[HYDRA_FULL_ERROR] = _users_full_error
+    _composing = False
 
 
 class CommandChecks(HydraCallback):
-    """Hydra callback (hydra.callbacks.checks in every command's config): the output folder is checked before Hydra
-    makes it (`output_folder: false` for a command that writes none), and the job's own errors get Hydra's usual
-    report (see hydra_command)."""
+    """Hydra callback (hydra.callbacks.checks in every command's config, which tests/test_command_mistakes.py checks):
+    the output folder is checked before Hydra makes it (`output_folder: false` for a command that writes none), and
+    the job's own errors get Hydra's usual report, as hydra_command's explaining of composition errors ends here."""
 
     def __init__(self, output_folder: bool = True) -> None:
         self.output_folder = output_folder
@@ -96,10 +108,7 @@ class CommandChecks(HydraCallback):
             check_output_folder(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _composing
-        if _composing:
-            os.environ.pop(HYDRA_FULL_ERROR, None)
-            _composing = False
+        _give_back_full_error()
 
 
 def check_output_folder(folder: Path) -> None:

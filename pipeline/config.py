@@ -264,8 +264,9 @@ IMPLIED_TARGETS = {"trainer": "lightning.pytorch.Trainer"}
 # optim keys the pipeline reads itself (LR scaling, timm's parameter groups); the rest go to the optimizer.
 OPTIM_KEYS_OF_OURS = ("lr_base", "lr_scale", "filter_bias_and_bn", "layer_decay")
 NOT_ARGUMENTS = {"optim": OPTIM_KEYS_OF_OURS}
-# Nodes whose every key is passed on (a model's constructor arguments, checked once composed; the run's tags).
-OPEN_NODES = ("model.kwargs", "logger.tags")
+# Nodes whose every key is passed on or named by the user (a model's constructor arguments, checked once composed; the
+# run's tags; Lightning callbacks by name; Hydra's job environment). An empty node is taken as one too.
+OPEN_NODES = ("model.kwargs", "logger.tags", "callbacks", "hydra.job.env_set")
 AUG_CHECK_SIZE = (32, 32)  # the augmentation is checked before the model gives its input size
 
 
@@ -359,7 +360,7 @@ def _unknown_key(message: str, parent: DictConfig, full_key: str) -> str:
     if accepted is not None and key in accepted:
         return f"{override}: {where} does not list {key!r}, but {target} takes it: add it with +{override}"
     hint = _suggest(key, [*keys, *(accepted or ())], path)
-    if accepted is None and (isinstance(target, str) or path in OPEN_NODES):  # it may take keys it does not list
+    if accepted is None and (isinstance(target, str) or path in OPEN_NODES or not keys):  # takes keys unlisted
         return f"{override}: {where} has no key {key!r}.{hint} To add a key it does not list: +{override}"
     # A node the commands read themselves (preview, sweep, the top level): a key added with + would only be ignored.
     listed = "" if hint else f" It has: {', '.join(keys)}."

@@ -39,6 +39,19 @@ def test_every_command_is_checked_here() -> None:
     assert hydra_commands() == set(MISTYPED), "a new command: add its mistyped key to MISTYPED"
 
 
+@pytest.mark.parametrize("module", sorted(MISTYPED))
+def test_every_command_gives_hydra_its_own_errors_back_when_the_job_starts(module: str) -> None:
+    """The callback that ends pipeline.cli.hydra_command's composing (HYDRA_FULL_ERROR=1): without it, the job would
+    run with Hydra's raw errors on, and a job's own config error would be reported as a mistake in the overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=module.split(".")[1], return_hydra_config=True)
+    assert cfg.hydra.callbacks.checks._target_ == "pipeline.cli.CommandChecks"
+
+
 @pytest.mark.fresh_store
 @pytest.mark.parametrize("module", sorted(MISTYPED))
 def test_a_mistyped_key_names_the_key_it_may_mean(root: Path, module: str) -> None:

@@ -77,14 +77,17 @@ def test_a_trial_spread_over_two_ddp_workers_makes_one_mlflow_child_even_when_ki
     log = root / "sweep.log"
     sweep = isolated(sweep_command(root, ray_tmp, *overrides, *workers), log)
     try:
-        wait_for(lambda: processes_beside(sweep.pid, b"RayTrainWorker"), 240, "the trial's workers")
-        for pid in trial_processes(sweep):
+        wait_for(lambda: sweep.poll() is not None or processes_beside(sweep.pid, b"RayTrainWorker"), 240, "workers")
+        assert sweep.poll() is None, log.read_text(errors="replace")[-4000:]
+        killed = trial_processes(sweep)
+        assert killed, "the trial's process was found"
+        for pid in killed:
             os.kill(pid, signal.SIGKILL)
         assert sweep.wait(timeout=300) == 0, log.read_text(errors="replace")[-4000:]
     finally:
         sweep.kill()
         sweep.wait()
-    assert "Released the resources held for the workers of 1 trial(s) whose process died." in log.read_text()
+    assert "Released the CPUs and GPUs Ray kept for 1 worker group(s) whose trial died." in log.read_text()
     parent, children = runs(root)
     assert parent.info.status == "FINISHED"
     assert len(children) == 1, "one MLflow run for the trial, however many workers trained it"

@@ -5,6 +5,7 @@ whose trial is killed while its workers start: test_sweep_nodes.py.)"""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,8 +13,6 @@ import pytest
 
 from tests.helpers.isolation import run_isolated
 from tests.helpers.sweeps import ROOT_ONLY
-
-pytestmark = [pytest.mark.e2e, ROOT_ONLY]
 
 SCRIPT = """
 import sys, time
@@ -46,6 +45,27 @@ print("fits again:", ray.get(placement_group([{"CPU": 1}, {"CPU": 1}]).ready(), 
 """
 
 
+PRIVATE_TABLE = """
+from ray._private.state import GlobalState, state
+from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+assert isinstance(state, GlobalState) and callable(GlobalState._connect_and_get_accessor)
+fields = {field.name for field in PlacementGroupTableData.DESCRIPTOR.fields}
+read = {"placement_group_id", "creator_job_id", "creator_actor_id", "creator_actor_dead", "is_detached", "state"}
+assert read <= fields, f"Ray's placement-group table lost {read - fields}"
+assert hasattr(PlacementGroupTableData, "REMOVED")
+"""
+
+
+def test_the_private_table_it_reads_is_still_there() -> None:
+    """What pipeline.sweep.placement takes from Ray's internals, checked without a Ray runtime (in the fast loop; in
+    a process of its own: importing Ray changes the environment of the process that imports it)."""
+    done = subprocess.run([sys.executable, "-c", PRIVATE_TABLE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.e2e
+@ROOT_ONLY
 def test_only_the_groups_of_dead_actors_are_released(root: Path, ray_tmp: str) -> None:
     output = run_isolated([sys.executable, "-c", SCRIPT, ray_tmp], root / "ray.log", timeout=120)
     assert "orphans: [True]" in output, output[-3000:]

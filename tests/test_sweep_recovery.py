@@ -32,7 +32,9 @@ def test_killed_trial_is_retried_from_its_checkpoint(root: Path, ray_tmp: str) -
     process = isolated(command, root / "sweep.log")
     try:
         wait_for(lambda: trial_checkpoints(root) and trial_processes(process), 240, "a trial's first checkpoint")
-        for pid in trial_processes(process):
+        killed = trial_processes(process)
+        assert killed, "the trial's process was found"
+        for pid in killed:
             os.kill(pid, signal.SIGKILL)
         assert process.wait(timeout=300) == 0, (root / "sweep.log").read_text()[-4000:]
     finally:

@@ -130,6 +130,10 @@ def test_bad_overrides_fail_before_training_with_a_clear_message(root: Path, ove
         ),
         ("model.name=lenet", "model.name='lenet' is not a known model. Close matches: lenet5"),
         ("trainer.fast_dev_run=true", "lightning.pytorch.Trainer takes it: add it with +trainer.fast_dev_run=true"),
+        (  # a callback is added by a name of the user's: the group lists none
+            "callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",
+            "callbacks has no key 'swa'. To add a key it does not list: +callbacks.swa._target_=lightning.pytorch.",
+        ),
         (
             "aug.train.HorizontalFlipp={}",
             "error: aug.train.HorizontalFlipp: unknown Albumentations transform 'HorizontalFlipp'. "

@@ -45,7 +45,10 @@ def run_isolated(argv: Sequence[str], log: Path, timeout: float, env: dict[str, 
 def processes_beside(pid: int, marker: bytes) -> list[int]:
     """This machine's PIDs of the processes in the network namespace of process `pid` (an isolated command: its
     processes and no other test's, for a test that kills one) whose command line holds `marker`."""
-    network = os.readlink(f"/proc/{pid}/ns/net")
+    try:
+        network = os.readlink(f"/proc/{pid}/ns/net")
+    except FileNotFoundError:  # the command has ended: none of its processes are left
+        return []
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
