@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, clean_env
-from tests.helpers.isolation import isolated, processes_beside, run_isolated
+from tests.helpers.isolation import isolated, processes_beside, run_isolated, wait_isolated
 from tests.helpers.sweeps import (
     ROOT_ONLY,
     epochs_logged,
@@ -83,7 +83,7 @@ def test_a_trial_spread_over_two_ddp_workers_makes_one_mlflow_child_even_when_ki
         assert killed, "the trial's process was found"
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
-        assert sweep.wait(timeout=300) == 0, log.read_text(errors="replace")[-4000:]
+        assert wait_isolated(sweep, log, timeout=300) == 0, log.read_text(errors="replace")[-4000:]
     finally:
         sweep.kill()
         sweep.wait()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.isolation import isolated, run_isolated
+from tests.helpers.isolation import isolated, run_isolated, wait_isolated
 from tests.helpers.sweeps import (
     ROOT_ONLY,
     epochs_logged,
@@ -34,9 +34,12 @@ def test_killed_trial_is_retried_from_its_checkpoint(root: Path, ray_tmp: str) -
         wait_for(lambda: trial_checkpoints(root) and trial_processes(process), 240, "a trial's first checkpoint")
         killed = trial_processes(process)
         assert killed, "the trial's process was found"
+        # A process Tune reuses gives the trial that ended in it time to finish (Tune's default: 2 s, then the next
+        # trial sent there fails without starting).
+        assert b"TUNE_FUNCTION_THREAD_TIMEOUT_S=120" in Path(f"/proc/{killed[0]}/environ").read_bytes().split(b"\0")
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
-        assert process.wait(timeout=300) == 0, (root / "sweep.log").read_text()[-4000:]
+        assert wait_isolated(process, root / "sweep.log", timeout=300) == 0, (root / "sweep.log").read_text()[-4000:]
     finally:
         process.kill()
     _, (child,) = runs(root)

@@ -99,6 +99,21 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
     )
 
 
+# How long a trial process Tune reuses (reuse_actors) gives the trial that ended in it to finish its run (the scheduler
+# stopped it: Lightning and MLflow close it). Tune's default, 2 s, is short of that on a busy node, and then the next
+# trial given that process fails without starting ("Could not re-use actor"): a trial lost from the sweep.
+TRIAL_END_TIMEOUT_S = 120
+
+
+def _runtime_env(local: bool) -> dict[str, Any]:
+    runtime_env: dict[str, Any] = {"env_vars": {"TUNE_FUNCTION_THREAD_TIMEOUT_S": str(TRIAL_END_TIMEOUT_S)}}
+    if not local:
+        # On a cluster, each worker process of the sweep picks the interface gloo's process groups use (a trial
+        # spread over hosts): the one carrying its node's address, not the loopback its hostname may resolve to.
+        runtime_env["worker_process_setup_hook"] = "pipeline.network.use_ray_node_interface"
+    return runtime_env
+
+
 def _start_ray(cfg: DictConfig) -> float:
     import ray
 
@@ -110,9 +125,7 @@ def _start_ray(cfg: DictConfig) -> float:
         num_gpus=cfg.ray.num_gpus if local else None,
         _temp_dir=cfg.ray.temp_dir if local else None,
         include_dashboard=False,
-        # On a cluster, each worker process of the sweep picks the interface gloo's process groups use (a trial
-        # spread over hosts): the one carrying its node's address, not the loopback its hostname may resolve to.
-        runtime_env=None if local else {"worker_process_setup_hook": "pipeline.network.use_ray_node_interface"},
+        runtime_env=_runtime_env(local),
     )
     return time.perf_counter() - start
 

@@ -29,17 +29,24 @@ def run_isolated(argv: Sequence[str], log: Path, timeout: float, env: dict[str, 
     """Run `argv` isolated to completion; returns its output. Fails the test on a non-zero exit."""
     process = isolated(argv, log, env)
     try:
-        code: int | None = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        code = None  # the failure below shows how far it got: a bare TimeoutExpired shows nothing of the log
+        code = wait_isolated(process, log, timeout)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     output = log.read_text(errors="replace")
-    assert code is not None, f"still running after {timeout:.0f} s, killed:\n{output[-8000:]}"
     assert code == 0, f"exit {code}:\n{output[-4000:]}"
     return output
+
+
+def wait_isolated(process: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
+    """The exit status of an isolated command started with `isolated`; past `timeout`, a failure with its log's tail
+    (a bare TimeoutExpired shows nothing of where it stuck)."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        output = log.read_text(errors="replace")
+        raise AssertionError(f"still running after {timeout:.0f} s:\n{output[-8000:]}") from None
 
 
 def processes_beside(pid: int, marker: bytes) -> list[int]:
