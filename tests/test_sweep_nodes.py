@@ -83,7 +83,7 @@ def test_a_trial_spread_over_two_ddp_workers_makes_one_mlflow_child_even_when_ki
         assert killed, "the trial's process was found"
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
-        assert wait_isolated(sweep, log, timeout=300) == 0, log.read_text(errors="replace")[-4000:]
+        assert wait_isolated(sweep, log, timeout=420) == 0, log.read_text(errors="replace")[-4000:]
     finally:
         sweep.kill()
         sweep.wait()
