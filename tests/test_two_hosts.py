@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import QUIET, clean_env
 from tests.helpers.hosts import Host, can_make_hosts, start_tracking_server, two_hosts, wait_for_server
 from tests.helpers.postgres import Database
-from tests.helpers.sweeps import parent_and_trials
+from tests.helpers.sweeps import TRIAL_MARKERS, parent_and_trials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_make_hosts() is not None, reason=str(can_make_hosts()))]
 
@@ -122,7 +122,7 @@ def trained(run: mlflow.entities.Run) -> set[str]:
 
 def trials_on(host: Host) -> list[int]:
     """The Ray worker processes running a trial on `host`."""
-    return [*host.processes(b"ImplicitFunc"), *host.processes(b"train_trial")]
+    return host.processes(*TRIAL_MARKERS)
 
 
 def test_a_trial_killed_on_the_second_host_is_retried_from_its_checkpoint(cluster: Cluster, postgres: Database) -> None:

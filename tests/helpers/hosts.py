@@ -46,10 +46,10 @@ class Host:
             raise AssertionError(f"on {self.name}: {' '.join(argv)} exited {done.returncode}:\n{done.stderr[-4000:]}")
         return done
 
-    def processes(self, marker: bytes) -> list[int]:
-        """This machine's PIDs of the processes on this host whose command line holds `marker` (for a test to kill,
-        as a host's failure would)."""
-        return processes_beside(self.init_pid, marker)
+    def processes(self, *markers: bytes) -> list[int]:
+        """This machine's PIDs of the processes on this host whose command line holds one of `markers` (for a test to
+        kill, as a host's failure would)."""
+        return processes_beside(self.init_pid, *markers)
 
     def start(self, argv: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as output:

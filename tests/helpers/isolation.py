@@ -49,9 +49,9 @@ def wait_isolated(process: subprocess.Popen[bytes], log: Path, timeout: float) -
         raise AssertionError(f"still running after {timeout:.0f} s:\n{output[-8000:]}") from None
 
 
-def processes_beside(pid: int, marker: bytes) -> list[int]:
+def processes_beside(pid: int, *markers: bytes) -> list[int]:
     """This machine's PIDs of the processes in the network namespace of process `pid` (an isolated command: its
-    processes and no other test's, for a test that kills one) whose command line holds `marker`."""
+    processes and no other test's, for a test that kills one) whose command line holds one of `markers`."""
     try:
         network = os.readlink(f"/proc/{pid}/ns/net")
     except FileNotFoundError:  # the command has ended: none of its processes are left
@@ -60,7 +60,10 @@ def processes_beside(pid: int, marker: bytes) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.readlink(entry / "ns" / "net") == network and marker in (entry / "cmdline").read_bytes():
+                if os.readlink(entry / "ns" / "net") != network:
+                    continue
+                command = (entry / "cmdline").read_bytes()
+                if any(marker in command for marker in markers):
                     found.append(int(entry.name))
             except OSError:  # gone meanwhile
                 continue

@@ -76,10 +76,13 @@ def trial_checkpoints(root: Path) -> list[Path]:
     return list((root / "sweeps" / "s").glob("train_trial_*/checkpoint_*"))
 
 
+TRIAL_MARKERS = (b"ImplicitFunc", b"train_trial")  # in the command line of a Ray worker process running a trial
+
+
 def trial_processes(sweep: subprocess.Popen[bytes]) -> list[int]:
     """The Ray worker processes running a trial of the isolated `sweep` (only its network namespace is private: /proc
     shows them here, beside every other test's)."""
-    return [*processes_beside(sweep.pid, b"ImplicitFunc"), *processes_beside(sweep.pid, b"train_trial")]
+    return processes_beside(sweep.pid, *TRIAL_MARKERS)
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
