@@ -110,11 +110,13 @@ def test_compose_wires_database_tracking_server_ray_cluster_and_sweep() -> None:
     assert f"artifacts:{options['--artifacts-destination']}" in server["volumes"]
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "/health" in " ".join(server["healthcheck"]["test"])
+    assert server["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false", "no job runner polling for nothing"
     assert server["ports"] == ["${MLFLOW_ADDRESS:-127.0.0.1}:${MLFLOW_PORT:-5000}:5000"], "loopback unless told"
 
     head, worker, sweep = SERVICES["ray-head"], SERVICES["ray-worker"], SERVICES["sweep"]
     assert head["command"][:3] == ["ray", "start", "--head"] and "--port=6379" in head["command"]
     assert "--num-cpus=0" in head["command"], "trials go to the workers"
+    assert "ray" not in head["healthcheck"]["test"], "a check that imports no Ray (a second of CPU every 10 s)"
     assert worker["command"][:2] == ["sh", "-c"] and "ray start --address=ray-head:6379" in worker["command"][2]
     assert "deploy" not in worker, "CPU workers here, scaled with --scale ray-worker=N; GPUs: compose.gpu.yaml"
     for service in (head, worker, sweep):
