@@ -63,6 +63,9 @@ def test_asha_sweep_over_lr_and_model_nests_every_trial(asha: tuple[Path, str]) 
     artifacts = {a.path for a in mlflow.MlflowClient(store_uri(root)).list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "figures", "best"} <= artifacts
     assert (root / "sweeps" / "s" / "parallel_coordinates.png").read_bytes()[:4] == b"\x89PNG"
+    trials = list((root / "sweeps" / "s").glob("train_trial_*"))
+    assert len(trials) == 5 and all((t / "progress.csv").exists() and (t / "result.json").exists() for t in trials)
+    assert not list((root / "sweeps").rglob("events.out.tfevents*")), "no TensorBoard files: the trials log to MLflow"
 
 
 def test_the_best_trial_that_ran_to_its_test_is_registered_and_its_config_retrains(asha: tuple[Path, str]) -> None:

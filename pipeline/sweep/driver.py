@@ -5,6 +5,7 @@ sweep.register_best=<name>, the best trial's MLflow model registered under that 
 from __future__ import annotations
 
 import csv
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline.sweep.state import SweepState, locate, new_state, tune_name
 from pipeline.sweep.trial import train_trial
 
 DRIVER_CPU = 0.01  # what a trial spread over Ray Train workers asks for itself
+TUNE_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # 1: Tune adds no result loggers beside the run's callbacks
 
 
 class SweepFailed(Exception):
@@ -44,6 +46,7 @@ class SweepFailed(Exception):
 
 def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bool) -> Any:
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipeline.sweep.placement import ReleaseOrphanedWorkers
@@ -57,8 +60,11 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
         tune.with_parameters(train_trial, state=asdict(state)),
         {"cpu": DRIVER_CPU if spread else resources["cpu"], "gpu": 0 if spread else resources["gpu"]},
     )
-    if resume:
+    if resume:  # with the callbacks it was started with (a sweep from before TUNE_LOGGERS has Tune's defaults)
         return tune.Tuner.restore(state.folder, trainable, resume_unfinished=True, resume_errored=True)
+    # Tune's CSV and JSON results (a trial's metrics_dataframe), not its TensorBoard files: the trials log to MLflow,
+    # and importing tensorboardX took two seconds of the driver's CPU.
+    os.environ[TUNE_LOGGERS] = "1"
     metric, mode = tune_name(settings["metric"]), settings["mode"]
     if settings["scheduler"] == "asha":
         scheduler = ASHAScheduler(
@@ -94,7 +100,7 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
             storage_path=str(Path(state.folder).parent),
             failure_config=tune.FailureConfig(max_failures=settings["max_failures"]),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[ReleaseOrphanedWorkers()] if spread else None,
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *([ReleaseOrphanedWorkers()] if spread else [])],
         ),
     )
 
