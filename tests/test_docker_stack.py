@@ -36,6 +36,7 @@ SWEEP = "docker"
 QUICK = (  # small and quick: an epoch of a trial takes a second or two on one core
     "progress=none", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     "data.batch_size=32", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
+    "class_activation.images=0",
 )  # fmt: skip
 EPOCHS = 12  # a trial trains for 12 epochs of the whole training split (a second or more each, however idle the
 # machine): time to see it past its first epoch and kill its worker before its last

@@ -29,7 +29,7 @@ RAY_PORT = 6379  # each host has its own ports: nothing else listens there
 FAST = [
     "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2", "data.batch_size=32", "scheduler.warmup_epochs=0", "logger.log_checkpoint=false",
-    "sweep=lr_wd", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.name=across",
+    "class_activation.images=0", "sweep=lr_wd", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.name=across",
     "logger.experiment_name=two-hosts",
 ]  # fmt: skip
 

@@ -30,6 +30,7 @@ FAST = [  # small enough that a trial-epoch takes a second or two on one core
     "data.batch_size=32",
     "scheduler.warmup_epochs=0",
     "logger.log_checkpoint=false",
+    "class_activation.images=0",  # the Grad-CAM figure: half a second of a trial's CPU (test_class_activation.py)
 ]
 
 
