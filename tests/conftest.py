@@ -109,22 +109,3 @@ def ray_tmp() -> Iterator[str]:
 
     with ray_folder() as folder:
         yield folder
-
-
-# The files that keep a test worker busy longest (minutes each: a Docker stack, two hosts, Ray sweeps), collected
-# first, then those of tens of seconds: the workers take files in collection order (`--dist loadfile` with
-# `--no-loadscope-reorder`; xdist's default order puts the files with the most tests first, which started these
-# last and left one worker running them alone at the end). The Docker stack and the two hosts mostly wait (builds,
-# health checks, clusters starting) and go to one worker in turn, while the other starts on the sweeps, which do not.
-LONGEST_FIRST = (
-    "test_docker_stack.py", "test_sweep.py", "test_two_hosts.py", "test_sweep_nodes.py", "test_sweep_recovery.py",
-    "test_faults.py", "test_tracking_concurrent.py", "test_run_lifecycle.py", "test_models_timm_contract.py",
-    "test_shards_e2e.py", "test_ddp.py", "test_docker.py", "test_train_cli.py",
-    "test_ranks_draw_distinct_augmentations.py", "test_transfer_weights.py", "test_mlflow_ui_browser.py",
-    "test_debug_presets.py", "test_recipes.py", "test_tracking_outage.py", "test_transfer_digits.py",
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
