@@ -10,8 +10,8 @@ os.environ["DO_NOT_TRACK"] = "true"
 
 # One torch thread per process. The suite runs a test worker per core (pytest -n 2 on two), each starting trainings;
 # a torch process with a thread for every core spins for the core the other worker holds (OpenMP's threads wait
-# busily): the same short training took 1.4-2.6 times the CPU with two threads as with one beside a busy core
-# (benchmarks/RESULTS.md, "One torch thread per process"). Set before torch is imported anywhere in the suite: the test
-# workers, the preloaded process the commands fork from, and every command they start inherit it. A developer's own
-# value wins.
+# busily): the same short training took 1.5 times the CPU with two threads as with one beside a busy core, 2.7 times
+# beside the Docker tests (benchmarks/RESULTS.md, "One torch thread per process"). Set before torch is imported
+# anywhere in the suite: the test workers, the preloaded process the commands fork from, and every command they start
+# inherit it. A developer's own value wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
