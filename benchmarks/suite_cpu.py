@@ -1,4 +1,4 @@
-"""Where a command's CPU goes, by kind of process: run it (default: the test suite, as `make test` runs pytest) and
+"""Where a command's CPU goes, by kind of process: run it (default: the test suite, `pytest -q`; or `-- make test`) and
 sample every process on the machine twice a second; at the end, CPU seconds (user + system) per kind.
 
     .venv/bin/python benchmarks/suite_cpu.py [--top 30] [-- command ...]

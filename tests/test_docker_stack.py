@@ -1,8 +1,8 @@
 """docker/ for real: the images build on a Debian base made here (no registry), the compose stack comes up healthy,
 a 4-trial sweep runs on two Ray worker containers — one killed mid-sweep, its trial retried from its checkpoint on
 the shared volume — with every trial a nested MLflow run on the tracking server and its PostgreSQL, then the train
-job; the image alone trains the default as a user without privileges and holds no secret. Every command is the one
-docker/README.md gives (tests/helpers/docker_engine.py says what the engine is allowed to touch).
+job; the image's own command trains as a user without privileges, and the image holds no secret. Every command is
+the one docker/README.md gives (tests/helpers/docker_engine.py says what the engine is allowed to touch).
 
 One stack serves the whole file (the images are built once per machine: the engine's data folder is a cache)."""
 
@@ -236,7 +236,7 @@ def test_train_job_logs_its_run_and_model_to_the_server(stack: Stack) -> None:
     assert client.list_artifacts(run.info.run_id), "the server stored the run's files"
 
 
-def test_image_trains_the_default_as_a_user_without_privileges_and_holds_no_secret(stack: Stack) -> None:
+def test_image_trains_as_a_user_without_privileges_and_holds_no_secret(stack: Stack) -> None:
     image = stack.inspect("cnn-pipeline")
     assert image["Config"]["User"] == "10001:10001"
     assert image["Config"]["Cmd"] == ["python", "-m", "pipeline.train"]

@@ -74,3 +74,21 @@ def test_a_word_for_a_number_of_workers_is_refused_before_ray_is_reached(root: P
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "error: sweep.resources.workers_per_trial='two': must be an integer >= 1" in done.stderr
     assert "Ray" not in done.stdout + done.stderr and not (root / "sweeps").exists(), "nothing of a sweep started"
+
+
+def test_a_sweep_saved_before_its_own_result_loggers_resumes_with_tunes_defaults(tmp_path: Path) -> None:
+    """Its saved Tune callbacks have no CSV or JSON logger: Tune must add its defaults when it resumes, or the trials'
+    results stop being written (a trial's metrics_dataframe reads them). A new sweep has its own."""
+    import json
+
+    from pipeline.config import compose
+    from pipeline.sweep.state import STATE_FILE, SweepState, new_state
+
+    saved = {
+        "name": "s", "folder": str(tmp_path), "base_overrides": [], "params": {}, "settings": {},
+        "tracking_uri": "sqlite:///x.db", "experiment_name": "digits", "artifact_root": "a", "parent_run_id": "p",
+    }  # fmt: skip
+    (tmp_path / STATE_FILE).write_text(json.dumps(saved))
+    assert SweepState.load(tmp_path).own_result_loggers is False
+    cfg = compose([f"paths.root={tmp_path}"], config_name="sweep")
+    assert new_state(cfg, []).own_result_loggers is True

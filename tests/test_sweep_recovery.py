@@ -68,3 +68,6 @@ def test_sweep_whose_driver_is_killed_resumes_and_finishes_without_duplicates(ro
     for child in children:
         assert child.info.status == "FINISHED" and "test/acc" in child.data.metrics
         assert len(epochs_logged(root, child)) == len(set(epochs_logged(root, child))) == 6
+    # resumed with the result loggers it was started with: Tune's CSV and JSON ones, still no TensorBoard logger
+    assert not list((root / "sweeps").rglob("events.out.tfevents*"))
+    assert all((folder / "progress.csv").exists() for folder in (root / "sweeps" / "s").glob("train_trial_*"))

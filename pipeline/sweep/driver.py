@@ -60,11 +60,13 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
         tune.with_parameters(train_trial, state=asdict(state)),
         {"cpu": DRIVER_CPU if spread else resources["cpu"], "gpu": 0 if spread else resources["gpu"]},
     )
-    if resume:  # with the callbacks it was started with (a sweep from before TUNE_LOGGERS has Tune's defaults)
-        return tune.Tuner.restore(state.folder, trainable, resume_unfinished=True, resume_errored=True)
     # Tune's CSV and JSON results (a trial's metrics_dataframe), not its TensorBoard files: the trials log to MLflow,
-    # and importing tensorboardX took two seconds of the driver's CPU.
-    os.environ[TUNE_LOGGERS] = "1"
+    # and importing tensorboardX took two seconds of the driver's CPU. Tune adds its default loggers when it runs,
+    # a resumed sweep's too: they stay off for a sweep whose saved callbacks include the CSV and JSON ones.
+    if state.own_result_loggers:
+        os.environ[TUNE_LOGGERS] = "1"
+    if resume:  # with the callbacks it was started with
+        return tune.Tuner.restore(state.folder, trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = tune_name(settings["metric"]), settings["mode"]
     if settings["scheduler"] == "asha":
         scheduler = ASHAScheduler(

@@ -35,6 +35,9 @@ class SweepState:
     experiment_name: str
     artifact_root: str  # where a new experiment on a local store keeps artifacts
     parent_run_id: str = ""
+    # Tune's CSV and JSON result loggers are the sweep's own callbacks, and Tune adds no TensorBoard logger. False for
+    # a sweep saved before: resumed, it keeps Tune's default loggers (its saved callbacks have none of their own).
+    own_result_loggers: bool = False
 
     def save(self) -> None:
         Path(self.folder).mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,7 @@ def new_state(cfg: DictConfig, cli_overrides: list[str]) -> SweepState:
         tracking_uri=str(cfg.logger.tracking_uri),
         experiment_name=str(cfg.logger.experiment_name),
         artifact_root=str(cfg.logger.artifact_root),
+        own_result_loggers=True,
     )
 
 
