@@ -95,17 +95,24 @@ def _give_back_full_error() -> None:
 
 class CommandChecks(HydraCallback):
     """Hydra callback (hydra.callbacks.checks in every command's config, which tests/test_command_mistakes.py checks):
-    the output folder is checked before Hydra makes it (`output_folder: false` for a command that writes none), and
-    the job's own errors get Hydra's usual report, as hydra_command's explaining of composition errors ends here."""
+    the output folder, a multirun's too, is checked before Hydra makes it (`output_folder: false` for a command that
+    writes none), and the job's own errors get Hydra's usual report, as hydra_command's explaining of composition
+    errors ends here."""
 
     def __init__(self, output_folder: bool = True) -> None:
         self.output_folder = output_folder
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")  # before Hydra's sweeper makes it: its error would be a traceback
+
+    def _check(self, config: DictConfig, key: str) -> None:
         if not self.output_folder:
             return
         with user_errors():
-            check_output_folder(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
+            check_output_folder(Path(str(OmegaConf.select(config, key))))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         _give_back_full_error()

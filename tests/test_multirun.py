@@ -112,3 +112,21 @@ def test_a_crashed_job_is_marked_failed_and_the_next_one_runs(root: Path) -> Non
 def test_a_job_that_would_start_more_processes_is_refused(root: Path, overrides: list[str], problem: str) -> None:
     """Lightning starts a data-parallel run's other processes by running the command line again: the whole sweep."""
     assert one_process_problem(compose_in(root, overrides).trainer) == problem
+
+
+@pytest.mark.e2e
+@pytest.mark.fresh_store
+def test_a_multirun_whose_output_folder_cannot_be_written_names_the_key_before_any_job(root: Path) -> None:
+    (root / "taken").write_text("a file where the folder would go")
+    where = root / "taken" / "out"
+    done = run_module(
+        "pipeline.train",
+        ["-m", *QUIET, *TINY[:-1], f"paths.output_dir={where}", "optim.lr=0.1,0.01"],
+        cwd=root,
+        env=clean_env(),
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: paths.output_dir={where}: cannot write there"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "paths.root=<folder>" in done.stderr
+    assert not (root / "mlruns").exists(), "no job started"
