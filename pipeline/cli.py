@@ -118,8 +118,8 @@ class CommandChecks(HydraCallback):
         _give_back_full_error()
 
 
-def check_output_folder(folder: Path) -> None:
-    """Make `folder` (Hydra would, next) and write in it, or raise UserInputError naming paths.output_dir."""
+def unwritable(folder: Path) -> str | None:
+    """Make `folder` and write in it; None when that works, else why not (the OS's reason and the path it names)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # Permission bits do not tell: root "may" write to /proc or a read-only mount, and cannot.
@@ -127,10 +127,17 @@ def check_output_folder(folder: Path) -> None:
             pass
     except OSError as error:
         where = f": {error.filename}" if error.filename and str(error.filename) != str(folder) else ""
+        return f"{error.strerror}{where}"
+    return None
+
+
+def check_output_folder(folder: Path) -> None:
+    """Make `folder` (Hydra would, next) and write in it, or raise UserInputError naming paths.output_dir."""
+    if reason := unwritable(folder):
         raise UserInputError(
-            f"paths.output_dir={folder}: cannot write there ({error.strerror}{where}). Choose a writable folder: "
+            f"paths.output_dir={folder}: cannot write there ({reason}). Choose a writable folder: "
             "paths.output_dir=<folder> for this run, or paths.root=<folder> for every output (runs, MLflow store)."
-        ) from None
+        )
 
 
 def adopt_output_folder(cfg: DictConfig) -> None:

@@ -171,7 +171,22 @@ RULES: Sequence[Rule] = (
     _rule("logger.http.timeout", lambda v: _integer(v) and v >= 1, "an integer >= 1 (seconds)", 30),
     _rule("logger.system_metrics.enabled", _boolean, "true or false", "false"),
     _rule("logger.system_metrics.interval", lambda v: _number(v) and v > 0, "a number > 0 (seconds)", 10),
+    # pipeline.sweep's own settings (conf/sweep.yaml), checked by its driver before Ray starts (Ray and Tune would
+    # fail on them later, with an assertion's traceback, or take them silently)
+    _rule("sweep.num_samples", lambda v: _integer(v) and v >= 1, "an integer >= 1", 8),
+    _choice_rule("sweep.metric", *MONITORED),
+    _choice_rule("sweep.mode", "max", "min"),
+    _choice_rule("sweep.search", "random", "grid", "optuna"),
+    _rule("sweep.search_seed", lambda v: v is None or _integer(v), "an integer or null", 0),
+    _choice_rule("sweep.scheduler", "asha", "fifo"),
+    _rule("sweep.grace_period", lambda v: _integer(v) and v >= 1, "an integer >= 1 (epochs)", 2),
+    _rule("sweep.reduction_factor", lambda v: _number(v) and v > 1, "a number > 1", 2),
+    _rule("sweep.max_concurrent_trials", lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null", 2),
+    _rule("sweep.max_failures", lambda v: _integer(v) and v >= -1, "an integer >= 0, or -1 for no limit", 1),
+    _rule("ray.num_cpus", lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null", 4),
+    _rule("ray.num_gpus", lambda v: v is None or (_integer(v) and v >= 0), "an integer >= 0 or null", 1),
 )
+SWEEP_SETTINGS = tuple(rule.key for rule in RULES if rule.key.startswith(("sweep.", "ray.")))
 
 _ABSENT = object()
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from pipeline.errors import UserInputError
 from pipeline.sweep.cluster import store_problem
-from pipeline.sweep.driver import check_resources
+from pipeline.sweep.driver import check_resources, fitted_grace_period
 from pipeline.tracking.store import only_this_host
 from tests.conftest import run_cli
 
@@ -69,11 +69,50 @@ def test_resources_that_cannot_work_are_named(resources: dict[str, object], mess
 
 
 @pytest.mark.e2e
-def test_a_word_for_a_number_of_workers_is_refused_before_ray_is_reached(root: Path) -> None:
-    done = run_cli("pipeline.sweep", "sweep.resources.workers_per_trial=two", root=root)
+@pytest.mark.fresh_store
+@pytest.mark.parametrize(
+    ("overrides", "messages"),
+    [
+        (["sweep.resources.workers_per_trial=two"], ["error: sweep.resources.workers_per_trial='two': must be an"]),
+        (  # each of these failed inside Ray or Tune, after Ray had started and the sweep's run was opened
+            ["sweep.num_samples=0", "sweep.mode=maximum", "sweep.grace_period=0", "sweep.max_concurrent_trials=0"],
+            [
+                "error: Invalid configuration:\n",
+                "  sweep.num_samples=0: must be an integer >= 1 (e.g. sweep.num_samples=8)\n",
+                "  sweep.mode='maximum': must be one of max, min (e.g. sweep.mode=max)\n",
+                "  sweep.grace_period=0: must be an integer >= 1 (epochs)",
+                "  sweep.max_concurrent_trials=0: must be an integer >= 1 or null",
+            ],
+        ),
+        (["sweep.storage_path=/proc/sweeps"], ["error: sweep.storage_path=/proc/sweeps: cannot write there ("]),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_ray_is_reached(
+    root: Path, overrides: list[str], messages: list[str]
+) -> None:
+    done = run_cli("pipeline.sweep", *overrides, root=root)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "error: sweep.resources.workers_per_trial='two': must be an integer >= 1" in done.stderr
+    assert all(message in done.stderr for message in messages), done.stderr[-3000:]
     assert "Ray" not in done.stdout + done.stderr and not (root / "sweeps").exists(), "nothing of a sweep started"
+    assert not (root / "mlruns").exists(), "no run opened"
+
+
+def test_a_sweep_shorter_than_ashas_grace_period_waits_its_length_and_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A smoke sweep (trainer.max_epochs=1) with the default scheduler: Ray refuses a grace period longer than the
+    trials, so it is cut to fit (the trials then run to their end; tests/test_sweep_nodes.py runs such a sweep)."""
+    fitted_grace_period({"scheduler": "asha", "grace_period": 2}, max_epochs=1)
+    assert capsys.readouterr().err == (
+        "warning: sweep.grace_period=2 is longer than trainer.max_epochs=1: ASHA waits 1 epoch(s) instead, the whole "
+        "trial, so it stops no trial early\n"
+    )
+    for settings, epochs in (
+        ({"scheduler": "asha", "grace_period": 2}, 2),
+        ({"scheduler": "fifo", "grace_period": 2}, 1),
+    ):
+        fitted_grace_period(settings, max_epochs=epochs)
+        assert capsys.readouterr().err == "", "nothing to fit: no warning"
 
 
 def test_a_sweep_saved_before_its_own_result_loggers_resumes_with_tunes_defaults(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import CONF_DIR, compose
+from pipeline.cli import unwritable
+from pipeline.config import CONF_DIR, SWEEP_SETTINGS, compose, validate
 from pipeline.errors import TrainingDiverged, UserInputError
 from pipeline.sweep.state import SweepState, locate, new_state, tune_name
 from pipeline.sweep.trial import train_trial
@@ -71,7 +73,7 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
     if settings["scheduler"] == "asha":
         scheduler = ASHAScheduler(
             max_t=max_epochs,
-            grace_period=settings["grace_period"],
+            grace_period=min(settings["grace_period"], max_epochs),  # a shorter sweep: fitted_grace_period
             reduction_factor=settings["reduction_factor"],
             stop_last_trials=False,  # a trial that reaches the last epoch finishes: its best checkpoint is tested
         )
@@ -147,6 +149,29 @@ def write_best_config(state: SweepState, best_overrides: list[str]) -> Path:
     return path
 
 
+def check_storage(cfg: DictConfig) -> None:
+    """sweep.storage_path, where a new sweep's folder goes: writable here, checked before Ray starts (on a cluster,
+    pipeline.sweep.cluster checks later that every node sees it)."""
+    if reason := unwritable(Path(cfg.sweep.storage_path)):
+        raise UserInputError(
+            f"sweep.storage_path={cfg.sweep.storage_path}: cannot write there ({reason}). Choose a writable folder: "
+            "sweep.storage_path=<folder> (on a cluster, one every node shares), or paths.root=<folder> for every "
+            "output."
+        )
+
+
+def fitted_grace_period(settings: dict[str, Any], max_epochs: int) -> None:
+    """A sweep shorter than ASHA's grace period (a smoke test with trainer.max_epochs=1) runs: ASHA's grace period is
+    cut to the trials' length (Ray refuses a longer one), said in one line on stderr."""
+    if settings["scheduler"] == "asha" and settings["grace_period"] > max_epochs:
+        print(
+            f"warning: sweep.grace_period={settings['grace_period']} is longer than trainer.max_epochs={max_epochs}: "
+            f"ASHA waits {max_epochs} epoch(s) instead, the whole trial, so it stops no trial early",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def check_resources(cfg: DictConfig) -> None:
     """sweep.resources, checked before any work: Ray would otherwise start, the sweep's run open, and the values fail
     inside Tune (a word) or be taken silently (workers_per_trial=0 ran trials in one process)."""
@@ -211,12 +236,16 @@ def run_sweep(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
     from pipeline.tracking.store import prepare
 
     registered_name = registration_name(cfg)
+    validate(cfg, only=SWEEP_SETTINGS)
     check_resources(cfg)
     check_data_root(cfg)
     resuming = cfg.resume is not None
+    if not resuming:
+        check_storage(cfg)
     state = SweepState.load(locate(cfg.resume, cfg.sweep.storage_path)) if resuming else new_state(cfg, cli_overrides)
     space = search_space.build(state.params, state.settings["search"], state.base_overrides, compose)
     max_epochs = int(compose(state.base_overrides).trainer.max_epochs)
+    fitted_grace_period(state.settings, max_epochs)
 
     prepare(state.tracking_uri, cfg.logger.http)  # a store that is down fails now, before Ray starts
     ray_startup = _start_ray(cfg)
