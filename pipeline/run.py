@@ -244,6 +244,29 @@ def build_inputs(cfg: DictConfig) -> Inputs:
     return Inputs(splits, model, spec, flops)
 
 
+def check_accelerator(trainer: DictConfig) -> None:
+    """trainer.accelerator: one Lightning knows, with a device of its kind on this machine. Checked before anything
+    is written; Lightning's own refusal comes when the Trainer is built, once the run is open, as a traceback."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator, MPSAccelerator
+
+    name = trainer.get("accelerator", "auto")
+    if not isinstance(name, str) or name == "auto":  # auto takes what there is; an Accelerator object is the user's
+        return
+    kinds = {n: (AcceleratorRegistry[n]["accelerator"],) for n in AcceleratorRegistry.available_accelerators()}
+    kinds["gpu"] = (CUDAAccelerator, MPSAccelerator)  # Lightning's "gpu": CUDA, else Apple's MPS
+    if name not in kinds:
+        raise ConfigError(
+            f"trainer.accelerator={name!r}: not an accelerator Lightning knows. Give one of auto, "
+            f"{', '.join(sorted(kinds))} (e.g. trainer.accelerator=auto)."
+        )
+    if not any(kind.is_available() for kind in kinds[name]):
+        device = {"gpu": "GPU (CUDA or MPS)", "cuda": "CUDA GPU", "mps": "MPS GPU", "tpu": "TPU (torch_xla)"}
+        raise ConfigError(
+            f"trainer.accelerator={name}: this machine has no {device.get(name, name)} that torch can use. Train on "
+            "what it has (trainer.accelerator=auto, or leave out trainer=gpu), or run where there is one."
+        )
+
+
 def build_trainer(
     cfg: DictConfig, output_dir: Path, logger: RecordedMLFlowLogger | None, callbacks: Sequence[Callback]
 ) -> L.Trainer:
@@ -300,6 +323,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train and test as configured; `callbacks` are added to the Trainer's (a sweep trial reports through one)."""
     validate(cfg)
     check_arguments(cfg)  # a key added with + that its optimizer, schedule, trainer… does not take fails here
+    check_accelerator(cfg.trainer)
     callbacks = [*declared_callbacks(cfg), *callbacks]
     lead = is_first_process()
     network.use_launcher_interface()  # a rank of a run over several hosts talks to them through the right interface

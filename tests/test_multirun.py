@@ -87,16 +87,20 @@ def test_a_bad_value_fails_its_job_only_and_the_exit_status_says_so(root: Path) 
 
 @pytest.mark.e2e
 def test_a_crashed_job_is_marked_failed_and_the_next_one_runs(root: Path) -> None:
-    done, _ = multirun(root, "trainer.accelerator=abacus,cpu")
+    # The first job crashes in its first epoch (TINY trains one); the second's crash would come after its last.
+    crash = ("+callbacks.crash._target_=tests.helpers.crash.CrashAtEpoch", "+callbacks.crash.at_epoch=0,1")
+    done, _ = multirun(root, *crash)
 
     assert done.returncode == 1, done.stderr[-3000:]
-    assert "Traceback" in done.stderr and "abacus" in done.stderr, "a crash keeps its traceback"
+    assert "Traceback" in done.stderr and "a crash at the start of epoch 0" in done.stderr, (
+        "a crash keeps its traceback"
+    )
     client = mlflow.MlflowClient(store_uri(root))
     runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
-    statuses = {run.data.params["trainer.accelerator"]: run.info.status for run in runs}
-    assert statuses == {"abacus": "FAILED", "cpu": "FINISHED"}
-    assert "#0 trainer.accelerator=abacus: failed: " in done.stdout
-    assert "#1 trainer.accelerator=cpu: best val/acc" in done.stdout
+    statuses = {run.data.params["callbacks.crash.at_epoch"]: run.info.status for run in runs}
+    assert statuses == {"0": "FAILED", "1": "FINISHED"}
+    assert "#0 +callbacks.crash.at_epoch=0: failed: " in done.stdout
+    assert "#1 +callbacks.crash.at_epoch=1: best val/acc" in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import REPO, clean_env, run_cli, store_uri
@@ -142,6 +143,16 @@ def test_bad_overrides_fail_before_training_with_a_clear_message(root: Path, ove
         ("+aug.train.Affine.rotat=5", "aug.train.Affine: Affine has no argument(s) ['rotat']"),
         ("seed=-1", "error: Invalid configuration: seed=-1: must be an integer in 0..4294967295 or null"),
         ("optim.lr=[", "error: optim.lr=[: no viable alternative at input '['"),
+        (  # Lightning's own refusals came once the run was open, as tracebacks
+            "trainer.accelerator=abacus",
+            "error: trainer.accelerator='abacus': not an accelerator Lightning knows. Give one of auto, cpu, cuda,",
+        ),
+        ("trainer.accelerator=tpu", "error: trainer.accelerator=tpu: this machine has no TPU (torch_xla) that torch"),
+        pytest.param(
+            "trainer=gpu",
+            "error: trainer.accelerator=gpu: this machine has no GPU (CUDA or MPS) that torch can use. Train on what",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
     ],
 )
 def test_mistakes_in_keys_and_values_stop_before_the_data_load(root: Path, override: str, message: str) -> None:
