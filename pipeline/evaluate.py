@@ -195,6 +195,7 @@ def run_test(cfg: DictConfig, source: Any, model: Any, images: Any, data: DictCo
 def evaluate(cfg: DictConfig) -> Evaluation:
     """Check everything a user can get wrong, then test and log the evaluation run."""
     from pipeline.cam import class_activation_png
+    from pipeline.distributed import check_accelerator
     from pipeline.plots import confusion_matrix_csv, confusion_matrix_png
     from pipeline.source import build_model, input_spec, load_source
     from pipeline.tracking.naming import flatten
@@ -206,6 +207,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if split not in SPLITS:
         raise UserInputError(f"split={split}: must be one of {', '.join(SPLITS)} (e.g. split=test).")
     validate(cfg, only=("per_class.shown",))  # the rule training's per_class.shown is held to
+    check_accelerator(cfg.trainer)
     shown = OmegaConf.select(cfg, "per_class.shown", default=SHOWN_CLASSES)
     uri = str(cfg.logger.tracking_uri)
     prepare(uri, cfg.logger.http)

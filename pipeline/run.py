@@ -34,6 +34,7 @@ from pipeline.data.sources import load_data
 from pipeline.data.transforms import InputSpec, eval_transform, train_transform
 from pipeline.distributed import (
     ReportingDDPStrategy,
+    check_accelerator,
     describe_batch,
     end_process_group,
     is_first_process,
@@ -242,29 +243,6 @@ def build_inputs(cfg: DictConfig) -> Inputs:
             f"Its own input size is {height}×{width}: set data.image_size=[{height},{width}] or null."
         ) from error
     return Inputs(splits, model, spec, flops)
-
-
-def check_accelerator(trainer: DictConfig) -> None:
-    """trainer.accelerator: one Lightning knows, with a device of its kind on this machine. Checked before anything
-    is written; Lightning's own refusal comes when the Trainer is built, once the run is open, as a traceback."""
-    from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator, MPSAccelerator
-
-    name = trainer.get("accelerator", "auto")
-    if not isinstance(name, str) or name == "auto":  # auto takes what there is; an Accelerator object is the user's
-        return
-    kinds = {n: (AcceleratorRegistry[n]["accelerator"],) for n in AcceleratorRegistry.available_accelerators()}
-    kinds["gpu"] = (CUDAAccelerator, MPSAccelerator)  # Lightning's "gpu": CUDA, else Apple's MPS
-    if name not in kinds:
-        raise ConfigError(
-            f"trainer.accelerator={name!r}: not an accelerator Lightning knows. Give one of auto, "
-            f"{', '.join(sorted(kinds))} (e.g. trainer.accelerator=auto)."
-        )
-    if not any(kind.is_available() for kind in kinds[name]):
-        device = {"gpu": "GPU (CUDA or MPS)", "cuda": "CUDA GPU", "mps": "MPS GPU", "tpu": "TPU (torch_xla)"}
-        raise ConfigError(
-            f"trainer.accelerator={name}: this machine has no {device.get(name, name)} that torch can use. Train on "
-            "what it has (trainer.accelerator=auto, or leave out trainer=gpu), or run where there is one."
-        )
 
 
 def build_trainer(

@@ -165,6 +165,7 @@ def test_user_errors_name_the_problem_and_the_fix(
     fails(["source=models:/digits-lenet/99"], r"not found.*pipeline.register")
     fails([f"source={result.run_id}", "data=imagefolder", f"data.root={three}"], r"has 3 classes.*trained on 10")
     fails([f"source={result.run_id}", "split=holdout"], r"split=holdout: must be one of test, val, train")
+    fails([f"source={result.run_id}", "trainer.accelerator=tpu"], r"this machine has no TPU \(torch_xla\)")
 
     with ThreadPoolExecutor(2) as pool:  # the CLI: exit status 2 and the message, no traceback
         unknown = pool.submit(run_cli, "pipeline.evaluate", f"source={'0' * 32}", root=train_root)
