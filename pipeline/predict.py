@@ -63,9 +63,17 @@ def _device(name: str) -> Any:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as error:
         raise UserInputError(f"device={name}: {error} (e.g. device=auto or device=cpu).") from error
+    # torch fails on a device it lacks only when the model is moved there, with a traceback
+    present = {"cuda": torch.cuda.device_count, "mps": lambda: int(torch.backends.mps.is_available())}
+    if device.type in present and (device.index or 0) >= (count := present[device.type]()):
+        raise UserInputError(
+            f"device={name}: this machine has {count or 'no'} {device.type} device(s) that torch can use "
+            "(e.g. device=auto, a GPU when there is one, or device=cpu)."
+        )
+    return device
 
 
 def predict(cfg: DictConfig) -> tuple[list[Prediction], Path]:
@@ -78,11 +86,12 @@ def predict(cfg: DictConfig) -> tuple[list[Prediction], Path]:
     from pipeline.source import build_model, input_spec, load_source
     from pipeline.tracking.store import prepare
 
+    device = _device(str(cfg.device))
     uri = str(cfg.logger.tracking_uri)
     prepare(uri, cfg.logger.http)
     source = load_source(str(cfg.source), uri, fallback=cfg)
     model = build_model(source)
-    classifier = Classifier(model, input_spec(source, model), source.classes, source.channels, _device(str(cfg.device)))
+    classifier = Classifier(model, input_spec(source, model), source.classes, source.channels, device)
     top_k = min(int(cfg.top_k), len(source.classes))
     outcomes = classifier.classify(files, batch_size=int(cfg.batch_size))
     rows = []

@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from pipeline.config import compose
 from pipeline.errors import UserInputError
 from pipeline.evaluate import evaluate
+from pipeline.predict import predict
 from pipeline.register import register
 from pipeline.run import RunResult, run
 from tests.conftest import REPO, clean_env, compose_in, run_cli, store_uri
@@ -166,6 +168,10 @@ def test_user_errors_name_the_problem_and_the_fix(
     fails([f"source={result.run_id}", "data=imagefolder", f"data.root={three}"], r"has 3 classes.*trained on 10")
     fails([f"source={result.run_id}", "split=holdout"], r"split=holdout: must be one of test, val, train")
     fails([f"source={result.run_id}", "trainer.accelerator=tpu"], r"this machine has no TPU \(torch_xla\)")
+    Image.new("L", (8, 8)).save(root / "one.png")
+    with pytest.raises(UserInputError, match=r"device=cuda:99: this machine has (no|\d+) cuda device\(s\)"):
+        overrides = [f"paths.root={root}", uri, f"source={result.run_id}", f"input={root}/one.png", "device=cuda:99"]
+        predict(compose(overrides, config_name="predict"))
 
     with ThreadPoolExecutor(2) as pool:  # the CLI: exit status 2 and the message, no traceback
         unknown = pool.submit(run_cli, "pipeline.evaluate", f"source={'0' * 32}", root=train_root)
