@@ -73,6 +73,11 @@ def to_tune(override: Override, grid: bool) -> Any:
         unknown = set(sweep.tags) - {"log"}
         if unknown:
             raise SearchSpaceError(f"sweep.params.{key}: unknown tag(s) {sorted(unknown)}; the one supported is log")
+        if sweep.start >= sweep.end:  # Tune's sampler fails on it inside the driver, once Ray has started
+            raise SearchSpaceError(
+                f"sweep.params.{key}: interval({sweep.start:g}, {sweep.end:g}) needs low < high: "
+                f"interval({sweep.end:g}, {sweep.start:g})"
+            )
         if "log" in sweep.tags:
             if sweep.start <= 0:
                 raise SearchSpaceError(f"sweep.params.{key}: a log interval needs low > 0, got {sweep.start}")
