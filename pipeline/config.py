@@ -163,6 +163,17 @@ RULES: Sequence[Rule] = (
     _rule("scheduler.warmup_epochs", lambda v: _number(v) and v >= 0, "a number >= 0", 1),
     _rule("trainer.max_epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1", 20),
     _rule("trainer.precision", lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS), "bf16-mixed"),
+    _rule(
+        "trainer.devices",
+        lambda v: (
+            v in ("auto", -1, "-1")
+            or (_integer(v) and v >= 1)
+            or (isinstance(v, list) and bool(v) and all(_integer(d) and d >= 0 for d in v))
+            or (isinstance(v, str) and all(part.strip().isdigit() for part in v.strip(",").split(",")) and v != "0")
+        ),
+        "auto, -1 (every device), a count >= 1, or a list of device indices",
+        "auto",
+    ),
     _rule("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1", 1),
     _rule("trainer.gradient_clip_val", lambda v: v is None or (_number(v) and v > 0), "a number > 0 or null", 1.0),
     # MLflow's client refuses more than 10 retries or a backoff factor above 120

@@ -147,6 +147,7 @@ def test_bad_overrides_fail_before_training_with_a_clear_message(root: Path, ove
             "trainer.accelerator=abacus",
             "error: trainer.accelerator='abacus': not an accelerator Lightning knows. Give one of auto, cpu, cuda,",
         ),
+        ("trainer.devices=0", "error: Invalid configuration: trainer.devices=0: must be auto, -1 (every device), a"),
         ("trainer.accelerator=tpu", "error: trainer.accelerator=tpu: this machine has no TPU (torch_xla) that torch"),
         pytest.param(
             "trainer=gpu",
