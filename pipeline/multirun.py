@@ -123,7 +123,8 @@ class JobOutcomes(Callback):
         unsynced = [outcome for outcome in outcomes if outcome["status"] == "unsynced"]
         if failed:
             jobs = ", ".join(f"#{outcome['job']}" for outcome in failed)
-            print(f"error: {len(failed)} of {len(outcomes)} jobs failed ({jobs}); the others ran", file=sys.stderr)
+            ran = "the others ran" if len(failed) < len(outcomes) else "none trained"
+            print(f"error: {len(failed)} of {len(outcomes)} jobs failed ({jobs}); {ran}", file=sys.stderr)
             sys.exit(FAILED_STATUS)
         if unsynced:
             print(f"error: MLflow lacks part of {len(unsynced)} job(s): see pipeline.sync above", file=sys.stderr)

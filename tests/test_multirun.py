@@ -134,3 +134,10 @@ def test_a_multirun_whose_output_folder_cannot_be_written_names_the_key_before_a
     assert done.stderr.startswith(f"error: paths.output_dir={where}: cannot write there"), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "paths.root=<folder>" in done.stderr
     assert not (root / "mlruns").exists(), "no job started"
+
+
+@pytest.mark.e2e
+def test_a_multirun_whose_every_job_fails_says_none_trained(root: Path) -> None:
+    done, _ = multirun(root, "optim.lr=-1,-2")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "error: 2 of 2 jobs failed (#0, #1); none trained" in done.stderr
