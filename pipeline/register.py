@@ -11,6 +11,9 @@ explains.
 
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -101,7 +104,14 @@ def main(cfg: DictConfig) -> None:
     if alias:
         print(f"Alias {alias} → version {version.version}")
     print(f"Evaluate it: python -m pipeline.evaluate source={reference}")
-    print(f"Serve it:    mlflow models serve -m {reference} --env-manager local --port 5001")
+    # As a shell runs it: the store it is registered in, and the environment's bin on PATH (MLflow starts uvicorn by
+    # name) whether or not the environment is activated.
+    bin_dir = Path(sys.executable).parent
+    print(
+        f"Serve it:    PATH={shlex.quote(str(bin_dir))}:$PATH "
+        f"MLFLOW_TRACKING_URI={shlex.quote(str(cfg.logger.tracking_uri))} {shlex.quote(str(bin_dir / 'mlflow'))} "
+        f"models serve -m {reference} --env-manager local --host 127.0.0.1 --port 5001"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pipeline.tracking.datasets import split_datasets
 from pipeline.tracking.record import RECORD_FOLDER, RunRecord
 from tests.conftest import REPO, clean_env, compose_in, store_uri
 from tests.helpers.commands import run_module
-from tests.helpers.scoring_server import post, scoring_server
+from tests.helpers.mlflow_server import free_port
+from tests.helpers.scoring_server import post, scoring_server, served_by
 
 QUICK = (
     "trainer.max_epochs=2",
@@ -185,7 +186,9 @@ def test_registered_with_an_alias_it_is_served_over_http(trained: tuple[Path, Ru
 
 
 @pytest.mark.e2e
-def test_register_cli_sets_the_alias_and_refuses_mistakes(trained: tuple[Path, RunResult]) -> None:
+def test_register_cli_sets_the_alias_prints_a_serve_command_that_serves_and_refuses_mistakes(
+    trained: tuple[Path, RunResult], images: Path
+) -> None:
     root, result = trained
 
     def cli(*overrides: str) -> subprocess.CompletedProcess[str]:
@@ -198,5 +201,14 @@ def test_register_cli_sets_the_alias_and_refuses_mistakes(trained: tuple[Path, R
         "Registered models:/digits-cli/1" in done.stdout
         and "models serve -m models:/digits-cli@champion" in done.stdout
     )
+    # The printed command, pasted into a shell whose PATH lacks the environment (not activated), on a free port
+    (serve,) = [line.removeprefix("Serve it:") for line in done.stdout.splitlines() if line.startswith("Serve it:")]
+    port = free_port()
+    line = serve.replace("--port 5001", f"--port {port}")
+    env = clean_env(PATH="/usr/local/bin:/usr/bin:/bin")
+    with served_by(["sh", "-c", line], env, port, root / "serve-cli.log") as url:
+        image = base64.b64encode((images / "digit0.png").read_bytes()).decode()
+        status, answer = post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}})
+        assert status == 200 and answer["predictions"][0]["error"] == "", answer
     bad = cli(f"source={result.run_id}", "name=digits/cli")
     assert bad.returncode == 2 and "error: name=digits/cli" in bad.stderr and "Traceback" not in bad.stderr

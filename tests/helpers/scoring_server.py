@@ -32,6 +32,16 @@ def scoring_server(model_uri: str, tracking_uri: str, log: Path, startup_timeout
         str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+    with served_by(command, env, port, log, startup_timeout) as url:
+        yield url
+
+
+@contextmanager
+def served_by(
+    command: list[str], env: dict[str, str], port: int, log: Path, startup_timeout: float = 180
+) -> Iterator[str]:
+    """Run `command`, a scoring server on 127.0.0.1:`port` (a command line a user was given, say, through `sh -c`),
+    until it answers /ping; yields its URL, then stops it and what it started (its process group)."""
     with log.open("ab") as output:
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
