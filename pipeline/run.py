@@ -16,7 +16,7 @@ import lightning as L
 import timm
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from pipeline import checkpointing, internals, network, resume
@@ -245,6 +245,15 @@ def build_inputs(cfg: DictConfig) -> Inputs:
     return Inputs(splits, model, spec, flops)
 
 
+def absolute_data_root(cfg: DictConfig) -> None:
+    """A relative data.root is read from the folder the command runs in: the run records it absolute, so evaluate,
+    predict and resume find the images from any folder (paths.root is absolute for the same reason)."""
+    root = OmegaConf.select(cfg, "data.root")
+    if root is not None and not Path(str(root)).expanduser().is_absolute():
+        with open_dict(cfg):
+            cfg.data.root = str(Path(str(root)).expanduser().resolve())
+
+
 def build_trainer(
     cfg: DictConfig, output_dir: Path, logger: RecordedMLFlowLogger | None, callbacks: Sequence[Callback]
 ) -> L.Trainer:
@@ -302,6 +311,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     validate(cfg)
     check_arguments(cfg)  # a key added with + that its optimizer, schedule, trainer… does not take fails here
     check_accelerator(cfg.trainer)
+    absolute_data_root(cfg)
     callbacks = [*declared_callbacks(cfg), *callbacks]
     lead = is_first_process()
     network.use_launcher_interface()  # a rank of a run over several hosts talks to them through the right interface

@@ -23,7 +23,7 @@ from pipeline.evaluate import evaluate
 from pipeline.predict import predict
 from pipeline.register import register
 from pipeline.run import RunResult, run
-from tests.conftest import REPO, clean_env, compose_in, run_cli, store_uri
+from tests.conftest import QUIET, REPO, clean_env, compose_in, run_cli, store_uri
 from tests.helpers.commands import run_module
 
 QUICK = ("trainer.max_epochs=2", "trainer.limit_train_batches=5", "scheduler.warmup_epochs=0")
@@ -180,3 +180,30 @@ def test_user_errors_name_the_problem_and_the_fix(
     assert unknown.returncode == 2 and f"error: source={'0' * 32}: no run" in unknown.stderr
     assert "Traceback" not in unknown.stderr
     assert empty.returncode == 2 and "matches no files" in empty.stderr
+
+
+@pytest.mark.e2e
+def test_a_run_on_a_relative_data_root_evaluates_from_another_folder(root: Path, tmp_path: Path) -> None:
+    """data.root as typed in the project folder: the run records it absolute, so its evaluation finds the images."""
+    class_folders(root / "shapes", 2)
+    done = run_module(
+        "pipeline.train",
+        [*QUIET, "data=imagefolder", "data.root=shapes", "data.batch_size=4", "trainer.max_epochs=1"],
+        cwd=root,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(store_uri(root))
+    (run,) = client.search_runs([client.get_experiment_by_name("imagefolder").experiment_id])
+    assert run.data.params["data.root"] == str(root / "shapes")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    evaluated = run_module(
+        "pipeline.evaluate",
+        [*QUIET, f"source={run.info.run_id}", f"logger.tracking_uri={store_uri(root)}"],
+        cwd=elsewhere,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -131,3 +131,17 @@ def test_a_sweep_saved_before_its_own_result_loggers_resumes_with_tunes_defaults
     assert SweepState.load(tmp_path).own_result_loggers is False
     cfg = compose([f"paths.root={tmp_path}"], config_name="sweep")
     assert new_state(cfg, []).own_result_loggers is True
+
+
+def test_a_local_sweeps_relative_data_root_reaches_its_trials_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune runs each trial in its own working folder: the driver's folder is where a relative data.root starts."""
+    from pipeline.config import compose
+    from pipeline.sweep.state import new_state
+
+    monkeypatch.chdir(tmp_path)
+    typed = ["data=imagefolder", "data.root=images"]
+    cfg = compose([f"paths.root={tmp_path}", *typed], config_name="sweep")
+    base = new_state(cfg, typed).base_overrides
+    assert f"data.root={tmp_path / 'images'}" in base and "data.root=images" not in base

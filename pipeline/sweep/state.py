@@ -61,6 +61,10 @@ def new_state(cfg: DictConfig, cli_overrides: list[str]) -> SweepState:
         "logger.tracking_uri": cfg.logger.tracking_uri,
         "logger.experiment_name": cfg.logger.experiment_name,
     }
+    # A relative data.root, from the folder the driver runs in (a local sweep: a cluster refuses it, sweep.cluster)
+    data_root = OmegaConf.select(cfg, "data.root")
+    if data_root is not None and not Path(str(data_root)).expanduser().is_absolute():
+        pinned["data.root"] = str(Path(str(data_root)).expanduser().resolve())
     base = [
         o
         for o in cli_overrides
