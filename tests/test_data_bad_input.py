@@ -236,6 +236,9 @@ def test_training_on_a_folder_with_a_bomb_stops_at_load_without_a_run(tree: Path
 def test_missing_root_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data.root=.*nowhere: no such folder"):
         load_image_folder(tmp_path / "nowhere")
+    (tmp_path / "one.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"data.root=.*one.png: a file, not a folder"):
+        load_image_folder(tmp_path / "one.png")
 
 
 def test_wrong_options_are_named_together(tree: Path) -> None:

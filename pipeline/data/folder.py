@@ -55,7 +55,8 @@ def _check_arguments(
 ) -> None:
     problems = []
     if not root.is_dir():
-        problems.append(f"data.root={root}: no such folder (e.g. data.root=/path/to/images, holding <class>/<image>)")
+        what = "a file, not a folder" if root.exists() else "no such folder"
+        problems.append(f"data.root={root}: {what} (e.g. data.root=/path/to/images, holding <class>/<image>)")
     if channels not in CHANNEL_COUNTS:
         problems.append(f"data.channels={channels!r}: must be 1 or 3 (e.g. data.channels=3)")
     if not (isinstance(min_size, int) and min_size >= 1):
