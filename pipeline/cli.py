@@ -4,6 +4,7 @@ can fix ends with its message and exit status 2, not a traceback, and progress a
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
 import signal
@@ -118,16 +119,23 @@ class CommandChecks(HydraCallback):
         _give_back_full_error()
 
 
-def unwritable(folder: Path) -> str | None:
-    """Make `folder` and write in it; None when that works, else why not (the OS's reason and the path it names)."""
+def unwritable(folder: Path, make: bool = True) -> str | None:
+    """Make `folder` and write in it; None when that works, else why not (the OS's reason and the path it names).
+    make=False: write in the folder, or in the nearest one above it that exists, and leave nothing behind."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        where = folder if make else next(path for path in (folder, *folder.parents) if path.exists())
+        if not where.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(where))
         # Permission bits do not tell: root "may" write to /proc or a read-only mount, and cannot.
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as error:
-        where = f": {error.filename}" if error.filename and str(error.filename) != str(folder) else ""
-        return f"{error.strerror}{where}"
+        path = Path(str(error.filename)) if error.filename else folder
+        if path.parent != folder and path.name.startswith(tempfile.gettempprefix()):  # the probe's file: its folder
+            path = path.parent
+        return error.strerror + ("" if path == folder else f": {path}")
     return None
 
 

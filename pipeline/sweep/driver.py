@@ -152,7 +152,7 @@ def write_best_config(state: SweepState, best_overrides: list[str]) -> Path:
 def check_storage(cfg: DictConfig) -> None:
     """sweep.storage_path, where a new sweep's folder goes: writable here, checked before Ray starts (on a cluster,
     pipeline.sweep.cluster checks later that every node sees it)."""
-    if reason := unwritable(Path(cfg.sweep.storage_path)):
+    if reason := unwritable(Path(cfg.sweep.storage_path).resolve(), make=False):  # made by Tune, if the sweep starts
         raise UserInputError(
             f"sweep.storage_path={cfg.sweep.storage_path}: cannot write there ({reason}). Choose a writable folder: "
             "sweep.storage_path=<folder> (on a cluster, one every node shares), or paths.root=<folder> for every "

@@ -40,10 +40,11 @@ PRELOAD = ["tests.helpers.preload"]
 # own _MLFLOW_* note what a process of it has started (a telemetry session); Lightning's seed_everything notes its seed
 # for loader workers (PL_GLOBAL_SEED, PL_SEED_WORKERS), and torch's inductor its cache folder and private notes
 # (_TORCHINDUCTOR_*) when it first compiles. AWS_* are read when an S3 client is made (boto3, which nothing preloaded
-# imports). PYTHONPATH is read when an interpreter starts: the forked command puts it on sys.path as one would.
+# imports). PYTHONPATH is read when an interpreter starts: the forked command puts it on sys.path as one would. Ray
+# sets RAY_CLIENT_MODE=0 when it is imported (a test that imports Tune), as a command that imports it would.
 FORKED_VARIABLES = (
     "MLFLOW_", "_MLFLOW_", "PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR",
-    "_TORCHINDUCTOR_", "AWS_", "PYTHONPATH",
+    "_TORCHINDUCTOR_", "AWS_", "PYTHONPATH", "RAY_CLIENT_MODE",
 )  # fmt: skip
 FRESH = "PIPELINE_TESTS_FRESH_PROCESSES"
 
