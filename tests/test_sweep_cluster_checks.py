@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from pipeline.errors import UserInputError
 from pipeline.sweep.cluster import store_problem
-from pipeline.sweep.driver import check_resources, fitted_grace_period
+from pipeline.sweep.driver import asha_stops_early, check_resources, trials_too_short_for_asha
 from pipeline.tracking.store import only_this_host
 from tests.conftest import run_cli
 
@@ -97,22 +97,25 @@ def test_settings_that_cannot_work_are_refused_before_ray_is_reached(
     assert not (root / "mlruns").exists(), "no run opened"
 
 
-def test_a_sweep_shorter_than_ashas_grace_period_waits_its_length_and_says_so(
+def test_a_sweep_no_longer_than_ashas_grace_period_runs_every_trial_to_its_test_and_says_so(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A smoke sweep (trainer.max_epochs=1) with the default scheduler: Ray refuses a grace period longer than the
-    trials, so it is cut to fit (the trials then run to their end; tests/test_sweep_nodes.py runs such a sweep)."""
-    fitted_grace_period({"scheduler": "asha", "grace_period": 2}, max_epochs=1)
-    assert capsys.readouterr().err == (
-        "warning: sweep.grace_period=2 is longer than trainer.max_epochs=1: ASHA waits 1 epoch(s) instead, the whole "
-        "trial, so it stops no trial early\n"
-    )
+    trials, and ASHA at one as long could stop a trial only at its end, untested. tests/test_sweep_nodes.py runs one."""
+    for epochs in (1, 2):
+        trials_too_short_for_asha({"scheduler": "asha", "grace_period": 2}, max_epochs=epochs)
+        assert capsys.readouterr().err == (
+            f"warning: sweep.grace_period=2 is not shorter than trainer.max_epochs={epochs}: ASHA could stop a trial "
+            "only at its end, so every trial runs to its end and its test (as with sweep.scheduler=fifo)\n"
+        )
+        assert not asha_stops_early({"scheduler": "asha", "grace_period": 2}, max_epochs=epochs)
+    assert asha_stops_early({"scheduler": "asha", "grace_period": 2}, max_epochs=3)
     for settings, epochs in (
-        ({"scheduler": "asha", "grace_period": 2}, 2),
+        ({"scheduler": "asha", "grace_period": 2}, 3),
         ({"scheduler": "fifo", "grace_period": 2}, 1),
     ):
-        fitted_grace_period(settings, max_epochs=epochs)
-        assert capsys.readouterr().err == "", "nothing to fit: no warning"
+        trials_too_short_for_asha(settings, max_epochs=epochs)
+        assert capsys.readouterr().err == "", "nothing to say"
 
 
 def test_a_sweep_saved_before_its_own_result_loggers_resumes_with_tunes_defaults(tmp_path: Path) -> None:

@@ -70,14 +70,14 @@ def _tuner(state: SweepState, space: dict[str, Any], max_epochs: int, resume: bo
     if resume:  # with the callbacks it was started with
         return tune.Tuner.restore(state.folder, trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = tune_name(settings["metric"]), settings["mode"]
-    if settings["scheduler"] == "asha":
+    if asha_stops_early(settings, max_epochs):
         scheduler = ASHAScheduler(
             max_t=max_epochs,
-            grace_period=min(settings["grace_period"], max_epochs),  # a shorter sweep: fitted_grace_period
+            grace_period=settings["grace_period"],
             reduction_factor=settings["reduction_factor"],
             stop_last_trials=False,  # a trial that reaches the last epoch finishes: its best checkpoint is tested
         )
-    else:
+    else:  # fifo, or trials no longer than ASHA's grace period (said by trials_too_short_for_asha)
         scheduler = FIFOScheduler()
     if settings["search"] == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -160,13 +160,20 @@ def check_storage(cfg: DictConfig) -> None:
         )
 
 
-def fitted_grace_period(settings: dict[str, Any], max_epochs: int) -> None:
-    """A sweep shorter than ASHA's grace period (a smoke test with trainer.max_epochs=1) runs: ASHA's grace period is
-    cut to the trials' length (Ray refuses a longer one), said in one line on stderr."""
-    if settings["scheduler"] == "asha" and settings["grace_period"] > max_epochs:
+def asha_stops_early(settings: dict[str, Any], max_epochs: int) -> bool:
+    """ASHA, asked for, with trials longer than its grace period: it may stop the weak ones early."""
+    return settings["scheduler"] == "asha" and settings["grace_period"] < max_epochs
+
+
+def trials_too_short_for_asha(settings: dict[str, Any], max_epochs: int) -> None:
+    """A sweep no longer than ASHA's grace period (a smoke test with trainer.max_epochs=1): Ray refuses a longer
+    grace period, and at one as long ASHA could stop a weak trial only at its last epoch, before its test. Every trial
+    runs to its end and its test instead (as with sweep.scheduler=fifo), said in one line on stderr."""
+    if settings["scheduler"] == "asha" and not asha_stops_early(settings, max_epochs):
         print(
-            f"warning: sweep.grace_period={settings['grace_period']} is longer than trainer.max_epochs={max_epochs}: "
-            f"ASHA waits {max_epochs} epoch(s) instead, the whole trial, so it stops no trial early",
+            f"warning: sweep.grace_period={settings['grace_period']} is not shorter than trainer.max_epochs="
+            f"{max_epochs}: ASHA could stop a trial only at its end, so every trial runs to its end and its test "
+            "(as with sweep.scheduler=fifo)",
             file=sys.stderr,
             flush=True,
         )
@@ -245,7 +252,7 @@ def run_sweep(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
     state = SweepState.load(locate(cfg.resume, cfg.sweep.storage_path)) if resuming else new_state(cfg, cli_overrides)
     space = search_space.build(state.params, state.settings["search"], state.base_overrides, compose)
     max_epochs = int(compose(state.base_overrides).trainer.max_epochs)
-    fitted_grace_period(state.settings, max_epochs)
+    trials_too_short_for_asha(state.settings, max_epochs)
 
     prepare(state.tracking_uri, cfg.logger.http)  # a store that is down fails now, before Ray starts
     ray_startup = _start_ray(cfg)
