@@ -31,6 +31,15 @@ OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(path), r
 # resolves one value however often it is read.
 OmegaConf.register_new_resolver("run_token", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
+
+def relative_data_root(cfg: DictConfig) -> Path | None:
+    """data.root resolved from the folder the command runs in, when it was given as a relative path; else None."""
+    root = OmegaConf.select(cfg, "data.root")
+    if root is None or Path(str(root)).expanduser().is_absolute():
+        return None
+    return Path(str(root)).expanduser().resolve()
+
+
 PRECISIONS = (
     "32-true",
     "32",

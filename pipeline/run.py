@@ -23,7 +23,7 @@ from pipeline import checkpointing, internals, network, resume
 from pipeline.cam import class_activation_png
 from pipeline.checkpointing import AtomicCheckpointIO
 from pipeline.cli import progress_bar
-from pipeline.config import ConfigError, check_arguments, validate
+from pipeline.config import ConfigError, check_arguments, relative_data_root, validate
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.images import ImageSplits
 from pipeline.data.normalize import Normalize
@@ -248,10 +248,9 @@ def build_inputs(cfg: DictConfig) -> Inputs:
 def absolute_data_root(cfg: DictConfig) -> None:
     """A relative data.root is read from the folder the command runs in: the run records it absolute, so evaluate,
     predict and resume find the images from any folder (paths.root is absolute for the same reason)."""
-    root = OmegaConf.select(cfg, "data.root")
-    if root is not None and not Path(str(root)).expanduser().is_absolute():
+    if (root := relative_data_root(cfg)) is not None:
         with open_dict(cfg):
-            cfg.data.root = str(Path(str(root)).expanduser().resolve())
+            cfg.data.root = str(root)
 
 
 def build_trainer(

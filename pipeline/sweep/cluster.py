@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import relative_data_root
 from pipeline.errors import UserInputError
 from pipeline.tracking.store import only_this_host
 
@@ -23,12 +24,11 @@ class ClusterError(UserInputError):
 def check_data_root(cfg: DictConfig) -> None:
     """A relative data.root means a different folder in every trial process (Ray runs each in its own working
     folder, on any host): refused on a cluster before Ray is even reached."""
-    root = OmegaConf.select(cfg, "data.root")
-    if cfg.ray.address is not None and root is not None and not Path(str(root)).expanduser().is_absolute():
+    if cfg.ray.address is not None and (resolved := relative_data_root(cfg)) is not None:
         raise ClusterError(
-            f"data.root={root} is a relative path: each trial, on any host of the cluster, would read it from its own "
-            f"working folder. Give an absolute path that every host sees, e.g. data.root={Path(str(root)).resolve()} "
-            "on storage all hosts mount."
+            f"data.root={OmegaConf.select(cfg, 'data.root')} is a relative path: each trial, on any host of the "
+            f"cluster, would read it from its own working folder. Give an absolute path that every host sees, e.g. "
+            f"data.root={resolved} on storage all hosts mount."
         )
 
 

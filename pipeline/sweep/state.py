@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import relative_data_root
 from pipeline.errors import UserInputError
 
 STATE_FILE = "sweep.json"
@@ -62,9 +63,8 @@ def new_state(cfg: DictConfig, cli_overrides: list[str]) -> SweepState:
         "logger.experiment_name": cfg.logger.experiment_name,
     }
     # A relative data.root, from the folder the driver runs in (a local sweep: a cluster refuses it, sweep.cluster)
-    data_root = OmegaConf.select(cfg, "data.root")
-    if data_root is not None and not Path(str(data_root)).expanduser().is_absolute():
-        pinned["data.root"] = str(Path(str(data_root)).expanduser().resolve())
+    if (data_root := relative_data_root(cfg)) is not None:
+        pinned["data.root"] = str(data_root)
     base = [
         o
         for o in cli_overrides
